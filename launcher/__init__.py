@@ -1,0 +1,1 @@
+"""Launch scripts: command line entry points. They know nothing of P-tuning beyond calling ptuning.experiment."""

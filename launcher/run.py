@@ -1,0 +1,57 @@
+"""Entry point: python launcher/run.py --config configs/quickstart.json [--set train.lr=3e-5] [--relations P19,P1001]
+
+Bad input (config, data, model) ends with a one-line error and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ptuning.config import ConfigError, load_config
+from ptuning.data import DataError, resolve_data_dir
+from ptuning.experiment import run_experiment
+from ptuning.models import ModelError
+from ptuning.templates import TemplateError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="P-tuning on the LAMA knowledge probe.")
+    parser.add_argument("--config", help="JSON experiment config (sections model, data, prompt, train, output, "
+                                         "logging); defaults when omitted")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable")
+    parser.add_argument("--relations", help="comma-separated relation ids, e.g. P19,P1001 (default: the config's)")
+    parser.add_argument("--data-dir", help="LAMA folder holding fact-retrieval/ (default: data.data_dir, "
+                                           "$LAMA_DATA, ./data)")
+    parser.add_argument("--out", help="output folder (same as --set output.dir=...)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--only-evaluate", action="store_true",
+                      help="evaluate the prompt encoders saved in the output folder; no training")
+    mode.add_argument("--manual-baseline", action="store_true",
+                      help="evaluate the manual LAMA prompts only; no training")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.relations:
+        overrides.append(f"data.relations={args.relations}")
+    if args.out:
+        overrides.append(f"output.dir={args.out}")
+    mode = "evaluate" if args.only_evaluate else "manual" if args.manual_baseline else "train"
+    try:
+        cfg = load_config(args.config, overrides)
+        report = run_experiment(cfg, resolve_data_dir(args.data_dir, cfg.data.data_dir), mode)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.markdown())
+    print(f"results: {report.out_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

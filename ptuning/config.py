@@ -1,0 +1,221 @@
+"""Experiment configuration: typed dataclasses read from JSON, overridden with `--set section.key=value`.
+
+Every key is checked: an unknown key or a value of the wrong type or outside its choices is a ConfigError that
+names the file and the key, never a traceback from deep inside the trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The message names where."""
+
+
+def _choices(*options: str) -> dict:
+    return {"choices": options}
+
+
+@dataclass
+class ModelConfig:
+    # An alias (bert-base-cased, gpt2-xl, smollm2-135m, ...), a local folder, a .gguf file, or a hub id.
+    name: str = "smollm2-135m"
+    kind: str = field(default="auto", metadata=_choices("auto", "masked", "causal"))
+    gguf_file: str | None = None  # a GGUF file inside `name` (a folder) to load with transformers' gguf_file=
+    device: str = "auto"  # auto picks cuda when available, else cpu
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))  # LM weights
+    bf16: bool = False  # bf16 autocast around the language model
+    add_bos: bool = False  # causal LMs: start every prompt with the BOS token (GPT-2 style LAMA runs use none)
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None  # else --data-dir, else $LAMA_DATA, else ./data
+    vocab: str = field(default="shared", metadata=_choices("original", "shared", "lama"))
+    vocab_key: str | None = None  # which word list of the vocab file; default follows the model family
+    relations: list[str] | None = None  # None: all 41 relations found
+    max_train: int | None = None  # cap per relation (first N after filtering), for quick runs
+    max_dev: int | None = None
+    max_test: int | None = None
+
+
+@dataclass
+class PromptConfig:
+    # Pseudo tokens (before subject, between subject and object, after object). Causal LMs need the last to be 0.
+    template: list[int] | None = None  # default [3, 3, 3] for masked LMs, [3, 3, 0] for causal LMs
+    encoder: str = field(default="lstm", metadata=_choices("lstm", "mlp", "none"))
+    anchors: bool = False  # keep the manual template's words after each segment's pseudo tokens
+    init: str = field(default="random", metadata=_choices("random", "manual"))
+    lstm_dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    # ptuning: prompts only, LM frozen. finetune: LM fine-tuning with the manual template.
+    # ptuning_finetune: prompts and LM together (LM at lm_lr).
+    mode: str = field(default="ptuning", metadata=_choices("ptuning", "finetune", "ptuning_finetune"))
+    lr: float = 1e-5
+    lm_lr: float = 5e-6
+    weight_decay: float = 5e-4
+    lr_decay: float = 0.98  # ExponentialLR gamma, stepped once per relation epoch
+    batch_size: int = 8
+    eval_batch_size: int = 64
+    max_epochs: int = 100
+    patience: int = 20  # stop a relation after this many epochs without a better dev P@1
+    seed: int = 34
+    pack_relations: int = 0  # how many relations train together in one packed batch; 0 = all of them
+    manual_baseline: bool = True  # also evaluate the manual prompt on test for each relation
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    save_encoders: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    progress: str = field(default="auto", metadata=_choices("auto", "bars", "lines", "off"))
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+
+
+def _section_class(name: str) -> type:
+    return typing.get_type_hints(ExperimentConfig)[name]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field annotation; accept the obvious spellings (ints for floats, 'a,b' lists)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {annotation!r}")  # pragma: no cover - a programming error
+
+
+def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected an object of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        value = _coerce(value, hints[key], f"{where}.{key}")
+        choices = known[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}.{key}: {value!r} is not one of {', '.join(choices)}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be an object with sections {', '.join(SECTIONS)}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+        sections[name] = _build_section(_section_class(name), values, f"{source}: {name}")
+    config = ExperimentConfig(**sections)
+    _check(config, source)
+    return config
+
+
+def _check(config: ExperimentConfig, source: str) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    template = config.prompt.template
+    if template is not None:
+        if len(template) != 3 or any(t < 0 for t in template):
+            raise ConfigError(f"{source}: prompt.template: expected three counts >= 0, got {template}")
+    for key in ("lr", "lm_lr", "lr_decay"):
+        if getattr(config.train, key) <= 0:
+            raise ConfigError(f"{source}: train.{key}: must be > 0")
+    for key in ("batch_size", "eval_batch_size", "max_epochs", "patience"):
+        if getattr(config.train, key) < 1:
+            raise ConfigError(f"{source}: train.{key}: must be >= 1")
+    if config.train.pack_relations < 0:
+        raise ConfigError(f"{source}: train.pack_relations: must be >= 0 (0 packs all relations)")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.lr=3e-5' -> ('train', 'lr', 3e-05). Values are JSON where they parse as JSON, else strings."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a JSON config (or start from defaults when path is None) and apply `--set` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot read the config file ({error.strerror})") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{source}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, source)

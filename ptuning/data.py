@@ -1,0 +1,156 @@
+"""Reading LAMA T-REx as packed by P-tuning: facts per relation and split, relation templates, shared vocabularies.
+
+Accepted layout (the P-tuning archive, Zenodo record 5578210, and ../shared/lama here):
+
+    <data_dir>/fact-retrieval/original/P<id>/{train,dev,test}.jsonl
+    <data_dir>/relations.jsonl                  or <data_dir>/single_relations/P<id>.jsonl
+    <data_dir>/29k-vocab.json, 34k-vocab.json   or the same under <data_dir>/vocab/
+
+Every problem is a DataError naming the file (and line, and field) it came from.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "dev", "test")
+VOCAB_FILES = {"shared": "29k-vocab.json", "lama": "34k-vocab.json"}
+VOCAB_NAMES = {"shared": "LAMA-29k", "lama": "LAMA-34k", "original": "full model vocabulary"}
+DOWNLOAD_HINT = (
+    "Get the P-tuning LAMA archive (Zenodo record 5578210, P-tune_LAMA.tar.gz), unpack it, and point "
+    "--data-dir (or $LAMA_DATA, or data.data_dir) at the folder holding fact-retrieval/ (see data/README.md)."
+)
+
+
+class DataError(ValueError):
+    """Bad or missing LAMA data. The message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    obj: str
+
+
+@dataclass(frozen=True)
+class RelationInfo:
+    id: str
+    label: str
+    template: str  # manual prompt, e.g. "[X] was born in [Y] ."
+
+
+@dataclass(frozen=True)
+class LamaLayout:
+    root: Path
+    facts_dir: Path
+
+    def split_path(self, relation: str, split: str) -> Path:
+        return self.facts_dir / relation / f"{split}.jsonl"
+
+    def relation_ids(self) -> list[str]:
+        return sorted(p.name for p in self.facts_dir.iterdir() if p.is_dir() and p.name.startswith("P"))
+
+    def vocab_path(self, strategy: str) -> Path:
+        name = VOCAB_FILES[strategy]
+        for candidate in (self.root / "vocab" / name, self.root / name):
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"{self.root}: no {name} (looked in {self.root}/vocab/ and {self.root}/). {DOWNLOAD_HINT}")
+
+
+def resolve_data_dir(cli_value: str | None, config_value: str | None) -> Path:
+    """--data-dir, then the config's data.data_dir, then $LAMA_DATA, then ./data."""
+    for value in (cli_value, config_value, os.environ.get("LAMA_DATA")):
+        if value:
+            return Path(value).expanduser()
+    return Path("data")
+
+
+def find_layout(data_dir: str | Path) -> LamaLayout:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: LAMA data folder not found. {DOWNLOAD_HINT}")
+    facts_dir = root / "fact-retrieval" / "original"
+    if not facts_dir.is_dir():
+        raise DataError(f"{root}: no fact-retrieval/original/ folder inside. {DOWNLOAD_HINT}")
+    return LamaLayout(root=root, facts_dir=facts_dir)
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found. {DOWNLOAD_HINT}")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object")
+            records.append((number, record))
+    return records
+
+
+def _text_field(record: dict, key: str, path: Path, number: int) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{path}, line {number}: field '{key}' is missing or empty")
+    return value.strip()
+
+
+def read_facts(layout: LamaLayout, relation: str, split: str) -> list[Fact]:
+    path = layout.split_path(relation, split)
+    return [
+        Fact(_text_field(r, "sub_label", path, n), _text_field(r, "obj_label", path, n))
+        for n, r in _read_jsonl(path)
+    ]
+
+
+def read_relation_infos(layout: LamaLayout) -> dict[str, RelationInfo]:
+    """Manual templates and labels, from relations.jsonl or single_relations/P<id>.jsonl."""
+    paths = [layout.root / "relations.jsonl"]
+    if not paths[0].is_file():
+        paths = sorted((layout.root / "single_relations").glob("P*.jsonl"))
+    if not paths:
+        raise DataError(f"{layout.root}: no relations.jsonl (nor single_relations/). {DOWNLOAD_HINT}")
+    infos = {}
+    for path in paths:
+        for number, record in _read_jsonl(path):
+            rid = _text_field(record, "relation", path, number)
+            template = _text_field(record, "template", path, number)
+            if "[X]" not in template or "[Y]" not in template:
+                raise DataError(f"{path}, line {number}: field 'template' must contain [X] and [Y]: {template!r}")
+            infos[rid] = RelationInfo(rid, str(record.get("label", rid)), template)
+    return infos
+
+
+def select_relations(layout: LamaLayout, wanted: list[str] | None) -> list[str]:
+    available = layout.relation_ids()
+    if not available:
+        raise DataError(f"{layout.facts_dir}: no relation folders (P<id>/) inside. {DOWNLOAD_HINT}")
+    if wanted is None:
+        return available
+    unknown = [r for r in wanted if r not in available]
+    if unknown:
+        raise DataError(
+            f"unknown relation id(s) {', '.join(unknown)}: {layout.facts_dir} has {', '.join(available)}"
+        )
+    return list(dict.fromkeys(wanted))
+
+
+def read_vocab_words(layout: LamaLayout, strategy: str, key: str) -> list[str]:
+    """One word list of 29k-vocab.json / 34k-vocab.json, with GPT-2's leading-space marker 'Ġ' removed."""
+    path = layout.vocab_path(strategy)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(table, dict) or key not in table:
+        keys = ", ".join(table) if isinstance(table, dict) else "none"
+        raise DataError(f"{path}: no word list for '{key}' (keys: {keys}); set data.vocab_key")
+    return [word[1:] if word.startswith("Ġ") else word for word in table[key]]

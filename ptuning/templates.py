@@ -1,0 +1,148 @@
+"""Prompt templates: one fact becomes one row of token ids, pseudo-token slots, and the position that predicts the
+object.
+
+P-tuning, masked LMs (the paper's order, subject BEFORE the mask):
+    [CLS] P*t0 subject P*t1 [MASK] P*t2 [SEP]          ('.' before [SEP] when t2 == 0, as the reference did)
+P-tuning, causal LMs (the object is the next token; t2 must be 0):
+    P*t0 subject P*t1                                   -> logits of the LAST position score the object
+With anchors, each segment's pseudo tokens are followed by the manual template's words for that segment, e.g.
+    [CLS] P*t0 subject P*t1 "was born in" [MASK] P*t2 "." [SEP]
+Manual prompts render the LAMA template as text ("[X] was born in [Y] .") and tokenize it whole; causal LMs take
+the text before [Y].
+
+Causal rows are scored at their last position; no label is handed to a model that shifts labels internally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ptuning.vocab import encode_in_context
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Row:
+    ids: tuple[int, ...]  # token ids; pseudo slots hold a placeholder id that the prompt vectors replace
+    pseudo: tuple[int, ...]  # per position: which pseudo token (0..n-1) sits there, or -1
+    target: int  # the position whose logits predict the object
+    label: int  # the object's token id
+
+
+def split_manual(template: str) -> tuple[str, str, str]:
+    """'[X] was born in [Y] .' -> ('', 'was born in', '.'): the words before [X], between, after [Y]."""
+    before, rest = template.split("[X]", 1)
+    if "[Y]" not in rest:
+        raise TemplateError(f"manual template {template!r}: [Y] must follow [X]")
+    middle, after = rest.split("[Y]", 1)
+    return before.strip(), middle.strip(), after.strip()
+
+
+def default_counts(kind: str) -> tuple[int, int, int]:
+    return (3, 3, 3) if kind == "masked" else (3, 3, 0)
+
+
+class PTuningTemplate:
+    """Rows with pseudo-token slots for one relation."""
+
+    def __init__(
+        self,
+        tokenizer,
+        kind: str,
+        counts: tuple[int, int, int],
+        manual_template: str,
+        anchors: bool = False,
+        add_bos: bool = False,
+    ):
+        if kind == "causal" and counts[2] != 0:
+            raise TemplateError(
+                f"prompt.template {list(counts)}: causal LMs predict the object as the next token, so nothing can "
+                "follow it; use [t0, t1, 0]"
+            )
+        if sum(counts) == 0:
+            raise TemplateError("prompt.template [0, 0, 0]: P-tuning needs at least one pseudo token")
+        self.tokenizer, self.kind, self.counts = tokenizer, kind, tuple(counts)
+        words = split_manual(manual_template)
+        self.manual_ids = _segments(words, encode_in_context(tokenizer, [w for w in words if w]))
+        self.anchor_ids = self.manual_ids if anchors else ([], [], [])
+        self.add_bos = add_bos
+        self.placeholder = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
+        self.dot = encode_in_context(tokenizer, ["."])[0]
+
+    @property
+    def n_pseudo(self) -> int:
+        return sum(self.counts)
+
+    def manual_init_ids(self) -> list[int | None]:
+        """For each pseudo token, the manual template word of its segment it starts from (None: random)."""
+        out: list[int | None] = []
+        for count, words in zip(self.counts, self.manual_ids):
+            out.extend(words[j] if j < len(words) else None for j in range(count))
+        return out
+
+    def rows(self, subjects: list[str], labels: list[int]) -> list[Row]:
+        return [self._row(s, y) for s, y in zip(encode_in_context(self.tokenizer, subjects), labels)]
+
+    def _row(self, subject: list[int], label: int) -> Row:
+        ids: list[int] = []
+        pseudo: list[int] = []
+        slot = 0
+
+        def add_tokens(tokens: list[int]) -> None:
+            ids.extend(tokens)
+            pseudo.extend([-1] * len(tokens))
+
+        def add_pseudo(count: int) -> None:
+            nonlocal slot
+            ids.extend([self.placeholder] * count)
+            pseudo.extend(range(slot, slot + count))
+            slot += count
+
+        t0, t1, t2 = self.counts
+        a0, a1, a2 = self.anchor_ids
+        if self.kind == "masked":
+            add_tokens([self.tokenizer.cls_token_id])
+        elif self.add_bos:
+            add_tokens([self.tokenizer.bos_token_id])
+        add_pseudo(t0)
+        add_tokens(a0 + subject)
+        add_pseudo(t1)
+        add_tokens(a1)
+        if self.kind == "causal":
+            return Row(tuple(ids), tuple(pseudo), len(ids) - 1, label)
+        target = len(ids)
+        add_tokens([self.tokenizer.mask_token_id])
+        add_pseudo(t2)
+        add_tokens(a2 if a2 or t2 else self.dot)
+        add_tokens([self.tokenizer.sep_token_id])
+        return Row(tuple(ids), tuple(pseudo), target, label)
+
+
+class ManualTemplate:
+    """Rows for the manual (LAMA) prompt: no pseudo tokens."""
+
+    n_pseudo = 0
+
+    def __init__(self, tokenizer, kind: str, manual_template: str, add_bos: bool = False):
+        split_manual(manual_template)  # validates the [X] ... [Y] order
+        self.tokenizer, self.kind, self.template, self.add_bos = tokenizer, kind, manual_template, add_bos
+
+    def rows(self, subjects: list[str], labels: list[int]) -> list[Row]:
+        if self.kind == "masked":
+            texts = [self.template.replace("[X]", s).replace("[Y]", self.tokenizer.mask_token) for s in subjects]
+            encoded = self.tokenizer(texts)["input_ids"]
+            mask = self.tokenizer.mask_token_id
+            return [Row(tuple(ids), (-1,) * len(ids), ids.index(mask), y) for ids, y in zip(encoded, labels)]
+        prefix = self.template.split("[Y]", 1)[0].rstrip()
+        encoded = self.tokenizer([prefix.replace("[X]", s) for s in subjects], add_special_tokens=False)["input_ids"]
+        bos = [self.tokenizer.bos_token_id] if self.add_bos else []
+        return [Row(tuple(bos + ids), (-1,) * (len(bos) + len(ids)), len(bos) + len(ids) - 1, y)
+                for ids, y in zip(encoded, labels)]
+
+
+def _segments(words: tuple[str, str, str], encoded: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Put the encodings of the non-empty segments back in their three places."""
+    it = iter(encoded)
+    return tuple(next(it) if w else [] for w in words)  # type: ignore[return-value]

@@ -1,0 +1,294 @@
+"""One trainer for a set of relations trained together.
+
+Each step takes one micro-batch from every active relation, runs each relation's prompt encoder ONCE, fills its
+rows' pseudo slots with its vectors, and sends one packed batch through the frozen LM. The loss is the sum of the
+per-relation means, so each encoder gets exactly the gradient it would get alone; each relation has its own
+optimizer, scheduler, epoch count, dev evaluation, best state and early stopping, and leaves the batch when it
+stops. A single relation is the special case. In the LM fine-tuning modes each relation fine-tunes its own copy
+of the LM, so relations train one at a time from the same starting weights.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ptuning.backbone import HFBackbone
+from ptuning.config import ExperimentConfig
+from ptuning.data import SPLITS
+from ptuning.encoders import PromptEncoder
+from ptuning.metrics import restricted_ranks, summarize_ranks
+from ptuning.tasks import RelationTask
+from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_counts
+
+
+def relation_seed(seed: int, relation: str) -> int:
+    """Each relation's own seed: the same whether it trains alone or packed with others."""
+    return zlib.crc32(f"{seed}:{relation}".encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, L)
+    pseudo: torch.Tensor  # (B, L) index into the packed table of prompt vectors, or -1
+    mask: torch.Tensor  # (B, L)
+    target: torch.Tensor  # (B,)
+    labels: torch.Tensor  # (B,)
+    owner: torch.Tensor  # (B,) which item of the pack the row belongs to
+
+
+def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int, side: str,
+            device: torch.device) -> Batch:
+    """Pad rows to one length; pseudo slots point into the concatenation of the items' prompt vectors."""
+    length = max(len(r.ids) for r in rows)
+    ids, pseudo, mask, target = [], [], [], []
+    for row, owner in zip(rows, owners):
+        pad = length - len(row.ids)
+        slots = [p + offsets[owner] if p >= 0 else -1 for p in row.pseudo]
+        if side == "left":
+            ids.append([pad_id] * pad + list(row.ids))
+            pseudo.append([-1] * pad + slots)
+            mask.append([0] * pad + [1] * len(row.ids))
+            target.append(row.target + pad)
+        else:
+            ids.append(list(row.ids) + [pad_id] * pad)
+            pseudo.append(slots + [-1] * pad)
+            mask.append([1] * len(row.ids) + [0] * pad)
+            target.append(row.target)
+
+    def tensor(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return Batch(tensor(ids), tensor(pseudo), tensor(mask), tensor(target), tensor([r.label for r in rows]),
+                 tensor(owners))
+
+
+class RelationRun:
+    """The training state of one relation."""
+
+    def __init__(self, task: RelationTask, template, encoder: PromptEncoder | None, seed: int):
+        self.task, self.template, self.encoder = task, template, encoder
+        self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]])
+                     for s in SPLITS}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.epoch = 0  # epochs completed
+        self.order: list[int] = []
+        self.cursor = 0
+        self.best_dev, self.best_epoch, self.best_state, self.bad_epochs = -1.0, 0, None, 0
+        self.dev_history: list[float] = []
+        self.done = False
+        self.started = time.perf_counter()
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self.order = torch.randperm(len(self.rows["train"]), generator=self.generator).tolist()
+        self.cursor = 0
+
+    def next_batch(self, size: int) -> list[Row]:
+        picked = self.order[self.cursor:self.cursor + size]
+        self.cursor += len(picked)
+        return [self.rows["train"][i] for i in picked]
+
+    @property
+    def epoch_over(self) -> bool:
+        return self.cursor >= len(self.order)
+
+
+@dataclass
+class RelationOutcome:
+    task: RelationTask
+    metrics: dict  # dev_p@1, test_p@1, test_p@10, test_mrr, best_epoch, epochs_run, seconds, dev_history
+    encoder: PromptEncoder | None  # the best encoder, loaded
+
+
+class Trainer:
+    def __init__(self, backbone: HFBackbone, cfg: ExperimentConfig, allowed: torch.Tensor,
+                 progress: Callable[[str], None] = lambda line: None):
+        self.backbone, self.cfg, self.progress = backbone, cfg, progress
+        self.allowed = allowed.to(backbone.device)
+        self.tune_lm = cfg.train.mode != "ptuning"
+        self.uses_prompts = cfg.train.mode != "finetune"
+        self.counts = tuple(cfg.prompt.template or default_counts(backbone.kind))
+        self._pristine_lm = ({k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+                             if self.tune_lm else None)
+
+    # ---- templates and encoders -------------------------------------------------------------------------------
+    def manual_template(self, task: RelationTask) -> ManualTemplate:
+        return ManualTemplate(self.backbone.tokenizer, self.backbone.kind, task.info.template,
+                              add_bos=self.cfg.model.add_bos)
+
+    def ptuning_template(self, task: RelationTask) -> PTuningTemplate:
+        return PTuningTemplate(self.backbone.tokenizer, self.backbone.kind, self.counts, task.info.template,
+                               anchors=self.cfg.prompt.anchors, add_bos=self.cfg.model.add_bos)
+
+    def new_encoder(self, template: PTuningTemplate, seed: int) -> PromptEncoder:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = PromptEncoder(template.n_pseudo, self.backbone.hidden_size, self.cfg.prompt.encoder,
+                                    self.cfg.prompt.lstm_dropout, self.backbone.embedding_std)
+        if self.cfg.prompt.init == "manual":
+            with torch.no_grad():
+                table = self.backbone.model.get_input_embeddings().weight
+                encoder.init_from([table[i].float().cpu() if i is not None else None
+                                   for i in template.manual_init_ids()])
+        return encoder.to(self.backbone.device)
+
+    def prompt_vectors(self, encoder: PromptEncoder | None) -> torch.Tensor | None:
+        return None if encoder is None else encoder()
+
+    # ---- the packed forward -----------------------------------------------------------------------------------
+    def packed_logits(self, items: list[tuple[torch.Tensor | None, list[Row]]]) -> tuple[torch.Tensor, Batch]:
+        """One forward over rows of several relations; items are (prompt vectors or None, rows)."""
+        offsets, total, table = [], 0, []
+        for vectors, _ in items:
+            offsets.append(total)
+            if vectors is not None:
+                table.append(vectors)
+                total += vectors.shape[0]
+        rows = [row for _, rs in items for row in rs]
+        owners = [i for i, (_, rs) in enumerate(items) for _ in rs]
+        batch = collate(rows, owners, offsets, self.backbone.pad_id, self.backbone.padding_side,
+                        self.backbone.device)
+        embeds = self.backbone.embed(batch.ids)
+        if table:
+            packed = torch.cat(table).to(embeds.dtype)
+            slots = batch.pseudo.clamp(min=0)
+            embeds = torch.where((batch.pseudo >= 0)[..., None], packed[slots], embeds)
+        return self.backbone.scores(embeds, batch.mask, batch.target), batch
+
+    @torch.no_grad()
+    def ranks(self, items: list[tuple[PromptEncoder | None, list[Row]]]) -> list[torch.Tensor]:
+        """Restricted ranks of every row of every item, batched across items and bucketed by length."""
+        model = self.backbone.model
+        was_training = model.training
+        model.eval()
+        vectors = [self.prompt_vectors(encoder) for encoder, _ in items]
+        flat = [(i, j, row) for i, (_, rows) in enumerate(items) for j, row in enumerate(rows)]
+        flat.sort(key=lambda x: len(x[2].ids))
+        out = [torch.zeros(len(rows), dtype=torch.long) for _, rows in items]
+        size = self.cfg.train.eval_batch_size
+        for start in range(0, len(flat), size):
+            by_owner: dict[int, list[tuple[int, Row]]] = {}
+            for i, j, row in flat[start:start + size]:
+                by_owner.setdefault(i, []).append((j, row))
+            logits, batch = self.packed_logits([(vectors[i], [row for _, row in pairs])
+                                                for i, pairs in by_owner.items()])
+            ranks = restricted_ranks(logits, batch.labels, self.allowed).tolist()
+            positions = [(i, j) for i, pairs in by_owner.items() for j, _ in pairs]  # the order packed_logits used
+            for (i, j), rank in zip(positions, ranks):
+                out[i][j] = rank
+        model.train(was_training)
+        return out
+
+    def evaluate(self, items: list[tuple[PromptEncoder | None, list[Row]]]) -> list[dict]:
+        return [summarize_ranks(r) for r in self.ranks(items)]
+
+    def evaluate_manual(self, tasks: list[RelationTask], split: str = "test") -> dict[str, dict]:
+        items = [(None, self.manual_template(t).rows([e.subject for e in t.splits[split]],
+                                                    [e.label for e in t.splits[split]])) for t in tasks]
+        return {t.id: m for t, m in zip(tasks, self.evaluate(items))}
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def train(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None]) -> None:
+        size = 1 if self.tune_lm else (self.cfg.train.pack_relations or len(tasks))
+        for start in range(0, len(tasks), size):
+            self._train_group(tasks[start:start + size], on_result)
+
+    def _new_run(self, task: RelationTask) -> RelationRun:
+        seed = relation_seed(self.cfg.train.seed, task.id)
+        template = self.ptuning_template(task) if self.uses_prompts else self.manual_template(task)
+        encoder = self.new_encoder(template, seed) if self.uses_prompts else None
+        run = RelationRun(task, template, encoder, seed)
+        groups = []
+        if encoder is not None:
+            groups.append({"params": list(encoder.parameters()), "lr": self.cfg.train.lr})
+        if self.tune_lm:
+            self.backbone.model.load_state_dict(self._pristine_lm)
+            torch.manual_seed(seed)  # dropout in the fine-tuned LM
+            groups.append({"params": self.backbone.unfreeze(), "lr": self.cfg.train.lm_lr})
+        run.optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.train.weight_decay)
+        run.scheduler = torch.optim.lr_scheduler.ExponentialLR(run.optimizer, gamma=self.cfg.train.lr_decay)
+        return run
+
+    def _train_group(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None]) -> None:
+        runs = [self._new_run(t) for t in tasks]
+        while True:
+            active = [r for r in runs if not r.done]
+            if not active:
+                break
+            self._step(active)
+            ended = [r for r in active if r.epoch_over]
+            if ended:
+                self._end_epochs(ended)
+                finished = [r for r in ended if r.done]
+                if finished:
+                    for outcome in self._finish(finished):
+                        on_result(outcome)
+
+    def _step(self, runs: list[RelationRun]) -> None:
+        items = [(self.prompt_vectors(r.encoder), r.next_batch(self.cfg.train.batch_size)) for r in runs]
+        logits, batch = self.packed_logits(items)
+        losses = F.cross_entropy(logits, batch.labels, reduction="none")
+        per_run = torch.zeros(len(runs), device=losses.device).index_add(0, batch.owner, losses)
+        sizes = torch.bincount(batch.owner, minlength=len(runs)).to(losses.dtype)
+        (per_run / sizes).sum().backward()
+        for run in runs:
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+
+    def _end_epochs(self, runs: list[RelationRun]) -> None:
+        """Scheduler step, dev P@1, best state and early stopping for the relations whose epoch just ended."""
+        dev = self.evaluate([(r.encoder, r.rows["dev"]) for r in runs])
+        for run, metrics in zip(runs, dev):
+            run.scheduler.step()
+            run.epoch += 1
+            score = metrics["p@1"]
+            run.dev_history.append(score)
+            if score > run.best_dev:
+                run.best_dev, run.best_epoch, run.bad_epochs = score, run.epoch, 0
+                run.best_state = self._snapshot(run)
+            else:
+                run.bad_epochs += 1
+            run.done = run.bad_epochs >= self.cfg.train.patience or run.epoch >= self.cfg.train.max_epochs
+            self.progress(f"{run.task.id} epoch {run.epoch}: dev P@1 {score:.3f} "
+                          f"(best {run.best_dev:.3f} at epoch {run.best_epoch})")
+            if not run.done:
+                run.start_epoch()
+
+    def _snapshot(self, run: RelationRun) -> dict:
+        state = {}
+        if run.encoder is not None:
+            state["encoder"] = copy.deepcopy(run.encoder.state_dict())
+        if self.tune_lm:
+            state["lm"] = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.model.state_dict().items()}
+        return state
+
+    def _finish(self, runs: list[RelationRun]) -> list[RelationOutcome]:
+        """Load each relation's best state and evaluate test at the best dev epoch."""
+        outcomes = []
+        for run in runs:
+            if run.encoder is not None:
+                run.encoder.load_state_dict(run.best_state["encoder"])
+            if self.tune_lm:
+                self.backbone.model.load_state_dict(run.best_state["lm"])
+            run.best_state = None
+        test = self.evaluate([(r.encoder, r.rows["test"]) for r in runs])
+        for run, metrics in zip(runs, test):
+            outcomes.append(RelationOutcome(run.task, {
+                "dev_p@1": run.best_dev,
+                "test_p@1": metrics["p@1"], "test_p@10": metrics["p@10"], "test_mrr": metrics["mrr"],
+                "best_epoch": run.best_epoch, "epochs_run": run.epoch,
+                "seconds": round(time.perf_counter() - run.started, 1),
+                "dev_history": run.dev_history,
+            }, run.encoder))
+        if self.tune_lm:
+            self.backbone.model.load_state_dict(self._pristine_lm)
+            self.backbone.freeze()
+        return outcomes
