@@ -15,7 +15,7 @@ from ptuning.encoders import PromptEncoder
 from ptuning.models import load_backbone
 from ptuning.progress import Progress
 from ptuning.results import Report, load_tensors, save_tensors
-from ptuning.tasks import RelationTask, prepare_task
+from ptuning.tasks import RelationTask, prepare_task, read_relation
 from ptuning.trainer import RelationOutcome, Trainer
 from ptuning.vocab import build_answer_vocab, default_vocab_key
 
@@ -38,6 +38,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     missing = [r for r in relation_ids if r not in infos]
     if missing:
         raise DataError(f"{layout.root}: relations.jsonl has no template for {', '.join(missing)}")
+    facts = {r: read_relation(layout, r) for r in relation_ids}  # every data error surfaces before the model loads
 
     backbone = load_backbone(cfg.model)
     vocab_key = cfg.data.vocab_key or default_vocab_key(cfg.model.name)
@@ -47,7 +48,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         vocab_label = vocab.name if vocab_key in cfg.model.name else f"{vocab.name} ({vocab_key} list mapped)"
     else:
         vocab_label = vocab.name
-    tasks = [prepare_task(layout, infos[r], vocab, cfg.data) for r in relation_ids]
+    tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
     ready = [t for t in tasks if t.skip_reason is None]
 
     report = Report(out_dir, {

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -116,6 +117,10 @@ def detect_kind(hf_config) -> str:
 
 def load_backbone(cfg: ModelConfig) -> HFBackbone:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # logs and CI get plain lines, not carriage-return bars
 
     source = _source(cfg)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ptuning.config import DataConfig
-from ptuning.data import SPLITS, LamaLayout, RelationInfo, read_facts
+from ptuning.data import SPLITS, Fact, LamaLayout, RelationInfo, read_facts
 from ptuning.vocab import AnswerVocab
 
 
@@ -31,11 +31,16 @@ class RelationTask:
         return {f"n_{s}": len(self.splits[s]) for s in SPLITS}
 
 
-def prepare_task(layout: LamaLayout, info: RelationInfo, vocab: AnswerVocab, data: DataConfig) -> RelationTask:
+def read_relation(layout: LamaLayout, relation: str) -> dict[str, list[Fact]]:
+    return {split: read_facts(layout, relation, split) for split in SPLITS}
+
+
+def prepare_task(info: RelationInfo, facts_by_split: dict[str, list[Fact]], vocab: AnswerVocab,
+                 data: DataConfig) -> RelationTask:
     splits, dropped, capped = {}, {}, {}
     caps = {"train": data.max_train, "dev": data.max_dev, "test": data.max_test}
     for split in SPLITS:
-        facts = read_facts(layout, info.id, split)
+        facts = facts_by_split[split]
         labels = vocab.object_ids([f.obj for f in facts])
         kept = [Example(f.subject, f.obj, y) for f, y in zip(facts, labels) if y is not None]
         dropped[split] = len(facts) - len(kept)

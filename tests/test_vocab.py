@@ -4,7 +4,7 @@ from transformers import AutoTokenizer
 
 from ptuning.config import DataConfig
 from ptuning.data import find_layout, read_relation_infos, select_relations
-from ptuning.tasks import prepare_task
+from ptuning.tasks import prepare_task, read_relation
 from ptuning.vocab import build_answer_vocab, default_vocab_key, encode_in_context
 
 
@@ -28,7 +28,8 @@ def test_full_lama_counts_with_a_tokenizer_holding_the_bert_words(lama, tiny_ber
     infos = read_relation_infos(layout)
     for strategy, expected in (("shared", 29521), ("lama", 34039)):
         vocab = build_answer_vocab(tok, len(tok), strategy, layout, "bert-base-cased")
-        tasks = [prepare_task(layout, infos[r], vocab, DataConfig()) for r in select_relations(layout, None)]
+        tasks = [prepare_task(infos[r], read_relation(layout, r), vocab, DataConfig())
+                 for r in select_relations(layout, None)]
         assert sum(len(t.splits["test"]) for t in tasks) == expected
         assert sum(t.dropped["test"] for t in tasks) == 34039 - expected
 
@@ -38,7 +39,7 @@ def test_mapping_into_another_tokenizer_drops_and_counts(lama, tiny_gpt2):
     layout = find_layout(lama)
     vocab = build_answer_vocab(tok, len(tok), "shared", layout, "bert-base-cased")
     assert 0 < vocab.size <= 18154
-    task = prepare_task(layout, read_relation_infos(layout)["P36"], vocab, DataConfig(max_train=10))
+    task = prepare_task(read_relation_infos(layout)["P36"], read_relation(layout, "P36"), vocab, DataConfig(max_train=10))
     assert len(task.splits["train"]) == 10 and task.capped["train"] > 0
     assert len(task.splits["test"]) + task.dropped["test"] == 703
     for example in task.splits["test"]:

@@ -1,0 +1,95 @@
+"""Step overhead, side by side on the same batch: one P-tuning training step against the raw frozen model's
+forward+backward to its input embeddings, and our evaluation against a plain forward.
+
+    python benchmarks/train_step.py [--model smollm2-135m] [--batch 8] [--reps 20] [--data-dir ../shared/lama]
+
+The raw baselines are what any P-tuning implementation must at least do: `model(inputs_embeds=...)` with all
+logits (as Hugging Face PEFT runs it), then a loss at the object position and backward to the embeddings.
+Timings are medians over --reps after warm-up, interleaved so drift hits all variants alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ptuning.config import load_config
+from ptuning.data import find_layout, read_relation_infos, resolve_data_dir
+from ptuning.models import load_backbone
+from ptuning.tasks import prepare_task, read_relation
+from ptuning.trainer import Trainer
+from ptuning.vocab import build_answer_vocab
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--relation", default="P19")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args()
+
+    cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}",
+                             f"train.eval_batch_size={args.batch}"])
+    backbone = load_backbone(cfg.model)
+    layout = find_layout(resolve_data_dir(args.data_dir, None))
+    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
+    task = prepare_task(read_relation_infos(layout)[args.relation], read_relation(layout, args.relation), vocab,
+                        cfg.data)
+    trainer = Trainer(backbone, cfg, vocab.allowed)
+    run = trainer._new_run(task)
+    rows = run.rows["train"][: args.batch]
+
+    # The same padded batch for every variant, prompt slots filled once for the raw baselines.
+    with torch.no_grad():
+        _, batch = trainer.packed_logits([(run.encoder(), rows)])
+        fixed = backbone.embed(batch.ids)
+    positions = torch.arange(len(rows))
+    kwargs = backbone._forward_kwargs(batch.mask)
+
+    def ptuning_step() -> None:
+        trainer._step([run])
+        run.cursor = 0  # stay on the same batch
+
+    def raw_forward_backward() -> None:
+        embeds = fixed.clone().requires_grad_(True)
+        logits = backbone.model(inputs_embeds=embeds, **kwargs).logits[positions, batch.target]
+        F.cross_entropy(logits.float(), batch.labels).backward()
+
+    def ours_eval() -> None:
+        trainer.ranks([(run.encoder, rows)])
+
+    def raw_forward() -> None:
+        with torch.no_grad():
+            backbone.model(inputs_embeds=fixed, **kwargs).logits
+
+    variants = {"ptuning_step": ptuning_step, "raw_fwd_bwd": raw_forward_backward,
+                "our_eval": ours_eval, "raw_forward": raw_forward}
+    for fn in variants.values():
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(args.reps):
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"model {args.model}, batch {args.batch}, sequence length {batch.ids.shape[1]}, "
+          f"threads {torch.get_num_threads()}, reps {args.reps}")
+    for name, value in median.items():
+        print(f"  {name:14s} {1000 * value:8.1f} ms")
+    print(f"train step / raw forward+backward = {median['ptuning_step'] / median['raw_fwd_bwd']:.3f}  (target <= 1.15)")
+    print(f"evaluation / raw forward          = {median['our_eval'] / median['raw_forward']:.3f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The backbone seam: logits at the target positions, padding that changes nothing, a frozen model."""
+import pytest
+import torch
+
+from ptuning.config import ModelConfig
+from ptuning.models import load_backbone
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_roberta", "tiny_gpt2"])
+def test_scores_equal_the_full_forward_at_the_targets(fixture, request):
+    backbone = load_backbone(ModelConfig(name=str(request.getfixturevalue(fixture))))
+    assert backbone.head_splits and backbone.vocab_size == backbone.model.config.vocab_size
+    ids = torch.randint(5, 200, (3, 9))
+    mask = torch.ones_like(ids)
+    targets = torch.tensor([8, 4, 0])
+    with torch.no_grad():
+        full = backbone.model(input_ids=ids, attention_mask=mask).logits[torch.arange(3), targets]
+        ours = backbone.scores(backbone.embed(ids), mask, targets)
+    assert torch.allclose(ours, full, atol=1e-5)
+
+
+def test_causal_left_padding_reads_as_unpadded(tiny_gpt2):
+    """Left padding plus positions counted over real tokens: the last position's logits do not move."""
+    backbone = load_backbone(ModelConfig(name=str(tiny_gpt2)))
+    ids = torch.randint(5, 200, (1, 6))
+    with torch.no_grad():
+        alone = backbone.model(input_ids=ids).logits[0, -1]  # the next-token logits; no label shifting involved
+        padded = torch.cat([torch.full((1, 4), backbone.pad_id), ids], 1)
+        mask = torch.tensor([[0] * 4 + [1] * 6])
+        ours = backbone.scores(backbone.embed(padded), mask, torch.tensor([9]))[0]
+    assert torch.allclose(ours, alone, atol=1e-5)
+
+
+def test_masked_right_padding_changes_nothing(tiny_bert):
+    backbone = load_backbone(ModelConfig(name=str(tiny_bert)))
+    ids = torch.randint(5, 200, (1, 6))
+    with torch.no_grad():
+        alone = backbone.scores(backbone.embed(ids), torch.ones_like(ids), torch.tensor([3]))
+        padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
+        mask = torch.tensor([[1] * 6 + [0] * 5])
+        ours = backbone.scores(backbone.embed(padded), mask, torch.tensor([3]))
+    assert torch.allclose(ours, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_gpt2"])
+def test_frozen_model_passes_gradients_to_the_inputs_only(fixture, request):
+    backbone = load_backbone(ModelConfig(name=str(request.getfixturevalue(fixture))))
+    assert not backbone.model.training
+    ids = torch.randint(5, 200, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7]) if backbone.kind == "causal" else torch.ones_like(ids)
+    embeds = backbone.embed(ids).detach().requires_grad_(True)
+    backbone.scores(embeds, mask, torch.tensor([6, 6])).logsumexp(-1).sum().backward()
+    assert torch.isfinite(embeds.grad).all() and embeds.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.model.parameters())
+
+
+def test_bf16_autocast_runs(tiny_gpt2):
+    backbone = load_backbone(ModelConfig(name=str(tiny_gpt2), bf16=True))
+    ids = torch.randint(5, 200, (2, 5))
+    logits = backbone.scores(backbone.embed(ids), torch.ones_like(ids), torch.tensor([4, 4]))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_kind_detection(tiny_bert, tiny_gpt2):
+    assert load_backbone(ModelConfig(name=str(tiny_bert))).kind == "masked"
+    assert load_backbone(ModelConfig(name=str(tiny_gpt2))).kind == "causal"
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path):
+    from ptuning.models import ModelError
+
+    with pytest.raises(ModelError, match="has no config.json"):
+        load_backbone(ModelConfig(name=str(tmp_path)))
+    with pytest.raises(ModelError, match="GGUF file .* not found"):
+        load_backbone(ModelConfig(name=str(tmp_path / "x.gguf")))
