@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 
+# Heads whose modules are registered in another order than they run.
+HEAD_ORDER = {"distilbert": ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")}
+
+
 class Backbone(Protocol):
     kind: str  # "masked" or "causal"
     hidden_size: int
@@ -37,8 +41,10 @@ class HFBackbone:
         self.padding_side = "left" if kind == "causal" else "right"
         self.freeze()
         self.base = model.base_model
+        order = HEAD_ORDER.get(model.config.model_type)
         self.head = nn.Sequential(*(
-            m for m in model.children() if m is not self.base and not isinstance(m, nn.modules.loss._Loss)
+            [getattr(model, name) for name in order] if order else
+            [m for m in model.children() if m is not self.base and not isinstance(m, nn.modules.loss._Loss)]
         ))
         self.head_splits = self._check_head_split()
         self.vocab_size = self._vocab_size()

@@ -73,3 +73,48 @@ def test_unloadable_model_is_a_clear_error(tmp_path):
         load_backbone(ModelConfig(name=str(tmp_path)))
     with pytest.raises(ModelError, match="GGUF file .* not found"):
         load_backbone(ModelConfig(name=str(tmp_path / "x.gguf")))
+
+
+@pytest.mark.parametrize("arch", ["albert", "distilbert"])
+def test_other_masked_lm_heads_split(arch, tiny_bert, tmp_path):
+    """ALBERT (head 'predictions') and DistilBERT (four head modules and a loss module) score like their forward."""
+    from transformers import (AlbertConfig, AlbertForMaskedLM, AutoTokenizer, DistilBertConfig,
+                              DistilBertForMaskedLM)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    torch.manual_seed(0)
+    if arch == "albert":
+        model = AlbertForMaskedLM(AlbertConfig(vocab_size=len(tokenizer), embedding_size=16, hidden_size=32,
+                                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    else:
+        model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2,
+                                                       hidden_dim=64))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    backbone = load_backbone(ModelConfig(name=str(tmp_path)))
+    assert backbone.kind == "masked" and backbone.head_splits
+    ids = torch.randint(5, 200, (2, 7))
+    with torch.no_grad():
+        full = backbone.model(input_ids=ids).logits[:, 3]
+        ours = backbone.scores(backbone.embed(ids), torch.ones_like(ids), torch.tensor([3, 3]))
+    assert torch.allclose(ours, full, atol=1e-5)
+
+
+def test_a_head_that_does_not_split_falls_back_to_the_full_forward(tiny_gpt2, tmp_path):
+    """Gemma2 soft-caps its logits inside forward: the split check fails and scores use the model's own logits."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, final_logit_softcapping=2.0))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    backbone = load_backbone(ModelConfig(name=str(tmp_path)))
+    assert backbone.kind == "causal" and not backbone.head_splits
+    ids = torch.randint(5, 200, (2, 6))
+    with torch.no_grad():
+        full = backbone.model(input_ids=ids).logits[:, -1]
+        ours = backbone.scores(backbone.embed(ids), torch.ones_like(ids), torch.tensor([5, 5]))
+    assert torch.allclose(ours, full, atol=1e-5) and ours.abs().max() <= 2.0

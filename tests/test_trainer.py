@@ -49,3 +49,18 @@ def test_early_stopping_bookkeeping(tiny_gpt2, lama, tmp_path):
         assert r["dev_p@1"] == max(history)
         assert r["best_epoch"] == history.index(max(history)) + 1  # the first epoch that reached the best
         assert r["epochs_run"] == 6 or r["epochs_run"] - r["best_epoch"] == 2, rid
+
+
+@pytest.mark.parametrize("mode", ["finetune", "ptuning_finetune"])
+def test_lm_finetuning_modes_train_each_relation_from_the_same_weights(mode, tiny_gpt2, lama, tmp_path):
+    results = small_run(tiny_gpt2, lama, tmp_path / mode, f"train.mode={mode}", "train.lm_lr=1e-3",
+                        "train.max_epochs=1")
+    assert all(r["status"] == "done" for r in results["relations"].values())
+    assert results["mode"] == mode
+    saved = (tmp_path / mode / "relations" / "P36" / "prompt_encoder.safetensors").is_file()
+    assert saved == (mode == "ptuning_finetune")  # the manual-template mode has no prompt encoder
+
+    # one relation alone gives the same figures as inside the sweep: every relation starts from the pristine LM
+    alone = small_run(tiny_gpt2, lama, tmp_path / "alone", f"train.mode={mode}", "train.lm_lr=1e-3",
+                      "train.max_epochs=1", "data.relations=P37")
+    assert alone["relations"]["P37"]["test_mrr"] == pytest.approx(results["relations"]["P37"]["test_mrr"], abs=1e-9)
