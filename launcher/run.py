@@ -1,15 +1,23 @@
-"""Entry point: python launcher/run.py --config configs/quickstart.json [--set train.lr=3e-5] [--relations P19,P1001]
+"""Entry point, the same under every launcher:
 
-Bad input (config, data, model) ends with a one-line error and exit status 2.
+    python launcher/run.py --config C                         one process
+    torchrun --nproc_per_node N launcher/run.py --config C    N ranks (gloo on CPU, nccl on GPU)
+    deepspeed --num_gpus N launcher/run.py --config C         N ranks through the DeepSpeed launcher
+
+Bad input (config, data, model) ends with a one-line error and exit status 2; a rank that fails while training
+ends with exit status 1 and a message naming the rank and the relation(s); finished relations stay on disk and a
+restart resumes.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
+from launcher.distributed import init_parallel, shutdown
 from ptuning.config import ConfigError, load_config
 from ptuning.data import DataError, resolve_data_dir
-from ptuning.experiment import run_experiment
+from ptuning.experiment import RelationFailure, run_experiment
 from ptuning.models import ModelError
 from ptuning.templates import TemplateError
 
@@ -19,13 +27,14 @@ USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="P-tuning on the LAMA knowledge probe.")
     parser.add_argument("--config", help="JSON experiment config (sections model, data, prompt, train, output, "
-                                         "logging); defaults when omitted")
+                                         "logging, parallel, deepspeed); defaults when omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key; repeatable")
     parser.add_argument("--relations", help="comma-separated relation ids, e.g. P19,P1001 (default: the config's)")
     parser.add_argument("--data-dir", help="LAMA folder holding fact-retrieval/ (default: data.data_dir, "
                                            "$LAMA_DATA, ./data)")
     parser.add_argument("--out", help="output folder (same as --set output.dir=...)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--only-evaluate", action="store_true",
                       help="evaluate the prompt encoders saved in the output folder; no training")
@@ -44,12 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     mode = "evaluate" if args.only_evaluate else "manual" if args.manual_baseline else "train"
     try:
         cfg = load_config(args.config, overrides)
-        report = run_experiment(cfg, resolve_data_dir(args.data_dir, cfg.data.data_dir), mode)
+        parallel = init_parallel(cfg.parallel.tensor_parallel,
+                                 solo_groups=cfg.deepspeed is not None and cfg.train.mode != "ptuning")
+        payload = run_experiment(cfg, resolve_data_dir(args.data_dir, cfg.data.data_dir), mode, parallel)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report.markdown())
-    print(f"results: {report.out_dir / 'results.json'}")
+    except RelationFailure as error:
+        traceback.print_exception(error.__cause__, file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    if payload is not None:
+        from ptuning.results import render_markdown
+
+        print(render_markdown(payload))
+        print(f"results: {cfg.output.dir}/results.json")
     return 0
 
 

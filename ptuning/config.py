@@ -77,11 +77,24 @@ class TrainConfig:
 class OutputConfig:
     dir: str = "runs/default"
     save_encoders: bool = True
+    resume: bool = True  # skip relations with a final result, resume interrupted ones from their last epoch
 
 
 @dataclass
 class LoggingConfig:
     progress: str = field(default="auto", metadata=_choices("auto", "bars", "lines", "off"))
+    # W&B: offline by default (files under <output.dir>/wandb), online when WANDB_MODE=online, none when false.
+    wandb: bool = True
+    wandb_project: str = "ptuning-lama"
+    wandb_group: str | None = None  # default: model and vocabulary, so seeds of one setting line up
+    wandb_job_type: str | None = None  # default: train.mode
+
+
+@dataclass
+class ParallelConfig:
+    # World = data-parallel groups x tensor_parallel. Relations are spread over the data-parallel groups; the
+    # ranks of one tensor-parallel group hold shards of one model and train the same relations.
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -92,6 +105,10 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # A DeepSpeed config (zero_optimization, bf16, fp16, ...). When present, the LM fine-tuning modes put their
+    # trainable parameters through deepspeed.initialize; prompt-only runs keep the plain per-relation Adam.
+    deepspeed: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +181,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentC
     for name, values in raw.items():
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+        if name == "deepspeed":  # passed through to DeepSpeed, which checks its own keys
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{source}: deepspeed: expected an object (a DeepSpeed config)")
+            sections[name] = values
+            continue
         sections[name] = _build_section(_section_class(name), values, f"{source}: {name}")
     config = ExperimentConfig(**sections)
     _check(config, source)
@@ -182,6 +204,8 @@ def _check(config: ExperimentConfig, source: str) -> None:
     for key in ("batch_size", "eval_batch_size", "max_epochs", "patience"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"{source}: train.{key}: must be >= 1")
+    if config.parallel.tensor_parallel not in (1, 2, 4, 8):
+        raise ConfigError(f"{source}: parallel.tensor_parallel: must be 1, 2, 4 or 8")
     if config.train.pack_relations < 0:
         raise ConfigError(f"{source}: train.pack_relations: must be >= 0 (0 packs all relations)")
 

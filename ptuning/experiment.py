@@ -1,37 +1,40 @@
 """One experiment end to end: data, model, answer vocabulary, manual baseline, P-tuning, results on disk.
 
-Knows nothing of how it was launched; launcher/run.py parses the command line and calls run_experiment.
+Every rank runs this. Relations are spread over the data-parallel groups by their training work; each group's
+writer rank records its relations in the output folder (ptuning/store.py), and the coordinator (rank 0) folds
+those records into results.json, results.md and W&B as they land. One process is the special case of one group.
+Knows nothing of how it was launched: launcher/run.py parses the command line, makes the process groups and
+calls run_experiment.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ptuning.config import ExperimentConfig
+from ptuning.coordinator import Coordinator
 from ptuning.data import DataError, find_layout, read_relation_infos, select_relations
-from ptuning.encoders import PromptEncoder
 from ptuning.models import load_backbone
+from ptuning.parallel import ParallelContext, balance
 from ptuning.progress import Progress
-from ptuning.results import Report, load_tensors, save_tensors
+from ptuning.store import RunStore
 from ptuning.tasks import RelationTask, prepare_task, read_relation
-from ptuning.trainer import RelationOutcome, Trainer
+from ptuning.trainer import RelationOutcome, RelationRun, Trainer
 from ptuning.vocab import build_answer_vocab, default_vocab_key
+from ptuning.wandb_log import WandbLogger
 
 MODES = ("train", "evaluate", "manual")  # P-tune (default), --only-evaluate saved prompts, --manual-baseline only
 
 
-def encoder_path(out_dir: Path, relation: str) -> Path:
-    return out_dir / "relations" / relation / "prompt_encoder.safetensors"
+class RelationFailure(RuntimeError):
+    """A rank failed while working on some relations; the message names both."""
 
 
-def vectors_path(out_dir: Path, relation: str) -> Path:
-    return out_dir / "relations" / relation / "prompt_vectors.safetensors"
-
-
-def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "train") -> Report:
-    out_dir = Path(cfg.output.dir)
+def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "train",
+                   parallel: ParallelContext | None = None) -> dict[str, Any] | None:
+    """Returns the results payload on the coordinator, None on the other ranks."""
+    ctx = parallel or ParallelContext()
+    store = RunStore(cfg.output.dir)
     layout = find_layout(data_dir)
     infos = read_relation_infos(layout)
     relation_ids = select_relations(layout, cfg.data.relations)
@@ -40,80 +43,137 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         raise DataError(f"{layout.root}: relations.jsonl has no template for {', '.join(missing)}")
     facts = {r: read_relation(layout, r) for r in relation_ids}  # every data error surfaces before the model loads
 
+    if ctx.device is not None:
+        cfg.model.device = str(ctx.device)
     backbone = load_backbone(cfg.model)
     vocab_key = cfg.data.vocab_key or default_vocab_key(cfg.model.name)
+    mapped = cfg.data.vocab != "original" and vocab_key not in cfg.model.name
     vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,
                                layout if cfg.data.vocab != "original" else None, vocab_key)
-    if cfg.data.vocab != "original":
-        vocab_label = vocab.name if vocab_key in cfg.model.name else f"{vocab.name} ({vocab_key} list mapped)"
-    else:
-        vocab_label = vocab.name
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
     ready = [t for t in tasks if t.skip_reason is None]
+    groups = balance({t.id: len(t.splits["train"]) for t in ready}, ctx.n_groups)
+    mine = [t for t in ready if t.id in set(groups[ctx.group_index])]
 
-    report = Report(out_dir, {
-        "model": cfg.model.name, "kind": backbone.kind, "vocab": vocab_label, "vocab_strategy": cfg.data.vocab,
-        "vocab_key": vocab_key if cfg.data.vocab != "original" else None, "answer_vocab_size": vocab.size,
-        "mode": cfg.train.mode if mode == "train" else mode, "data_dir": str(layout.root),
-        "config": cfg.to_dict(),
-    })
-    progress = Progress(cfg.logging.progress, total=len(ready))
-    for task in tasks:
-        fields: dict[str, Any] = {"label": task.info.label, **task.counts(), "dropped": task.dropped,
-                                  "capped": task.capped}
-        if task.skip_reason:
-            fields.update(status="skipped", reason=task.skip_reason)
-            progress.line(f"{task.id} skipped: {task.skip_reason}")
-        report.update(task.id, fields)
+    header = {
+        "model": cfg.model.name, "kind": backbone.kind,
+        "vocab": f"{vocab.name} ({vocab_key} list mapped)" if mapped else vocab.name,
+        "vocab_strategy": cfg.data.vocab, "vocab_key": vocab_key if cfg.data.vocab != "original" else None,
+        "answer_vocab_size": vocab.size, "mode": cfg.train.mode if mode == "train" else mode,
+        "data_dir": str(layout.root), "world_size": ctx.world_size, "config": cfg.to_dict(),
+    }
+    progress = Progress(cfg.logging.progress if ctx.coordinator else "lines", total=len(ready))
+    coordinator = None
+    if ctx.coordinator:
+        store.prepare(cfg)
+        coordinator = Coordinator(store, header, {t.id: _base_fields(t) for t in tasks},
+                                  _wandb(cfg, store, header) if cfg.logging.wandb else None, progress.relation_done)
+        coordinator.start()
+    ctx.barrier()  # the folder is checked (or cleared) before any rank reads or writes it
 
-    trainer = Trainer(backbone, cfg, vocab.allowed, progress=progress.line)
-    if ready and (mode == "manual" or cfg.train.manual_baseline):
-        progress.line(f"manual prompts: evaluating test for {len(ready)} relations")
-        for rid, m in trainer.evaluate_manual(ready).items():
-            report.update(rid, {"manual_p@1": m["p@1"], "manual_p@10": m["p@10"], "manual_mrr": m["mrr"]})
-            if mode == "manual":
-                report.update(rid, {"status": "manual_only"})
-    if mode == "train":
-        def finished(outcome: RelationOutcome) -> None:
-            if outcome.encoder is not None and cfg.output.save_encoders:
-                _save_prompt(out_dir, outcome, cfg, trainer)
-            report.update(outcome.task.id, {"status": "done", **outcome.metrics})
-            progress.relation_done(f"{outcome.task.id} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
-                                   f"(best dev epoch {outcome.metrics['best_epoch']})")
-        trainer.train(ready, finished)
-    elif mode == "evaluate":
-        _evaluate_saved(out_dir, ready, trainer, report)
+    worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header)
+    try:
+        worker.run(mine, mode)
+    except Exception as error:
+        relations = ", ".join(worker.trainer.active or [t.id for t in mine]) or "-"
+        raise RelationFailure(f"rank {ctx.rank} failed on relation(s) {relations}: "
+                              f"{type(error).__name__}: {error}") from error
+    ctx.barrier()  # every group's relations are on disk
+    if coordinator is None:
+        return None
+    payload = coordinator.finish()
     progress.close()
-    return report
+    return payload
 
 
-def _save_prompt(out_dir: Path, outcome: RelationOutcome, cfg: ExperimentConfig, trainer: Trainer) -> None:
-    rid = outcome.task.id
-    meta = {"relation": rid, "model": cfg.model.name, "encoder": cfg.prompt.encoder,
-            "template": ",".join(map(str, trainer.counts)), "anchors": str(cfg.prompt.anchors)}
-    save_tensors(encoder_path(out_dir, rid), outcome.encoder.state_dict(), meta)
-    with torch.no_grad():
-        # The final prompt vectors on their own: pseudo token i of the template, in order; no encoder needed.
-        save_tensors(vectors_path(out_dir, rid), {"prompt_vectors": outcome.encoder()}, meta)
+def _base_fields(task: RelationTask) -> dict[str, Any]:
+    fields: dict[str, Any] = {"label": task.info.label, **task.counts(), "dropped": task.dropped,
+                              "capped": task.capped}
+    if task.skip_reason:
+        fields.update(status="skipped", reason=task.skip_reason)
+    return fields
 
 
-def _evaluate_saved(out_dir: Path, tasks: list[RelationTask], trainer: Trainer, report: Report) -> None:
-    encoders = []
-    for task in tasks:
-        path = encoder_path(out_dir, task.id)
-        if not path.is_file():
-            raise DataError(f"{path}: no saved prompt encoder for {task.id}; train first (without --only-evaluate)")
-        template = trainer.ptuning_template(task)
-        encoder = trainer.new_encoder(template, seed=0)
-        try:
-            encoder.load_state_dict(load_tensors(path))
-        except RuntimeError as error:
-            raise DataError(f"{path}: does not fit the configured prompt encoder ({error})") from None
-        encoders.append((encoder, template))
-    for split in ("dev", "test"):
-        items = [(enc, tpl.rows([e.subject for e in t.splits[split]], [e.label for e in t.splits[split]]))
-                 for t, (enc, tpl) in zip(tasks, encoders)]
-        for task, m in zip(tasks, trainer.evaluate(items)):
-            fields = {"dev_p@1": m["p@1"]} if split == "dev" else {
-                "status": "evaluated", "test_p@1": m["p@1"], "test_p@10": m["p@10"], "test_mrr": m["mrr"]}
-            report.update(task.id, fields)
+def _wandb(cfg: ExperimentConfig, store: RunStore, header: dict[str, Any]) -> WandbLogger:
+    group = cfg.logging.wandb_group or f"{Path(cfg.model.name).name}-{cfg.data.vocab}"
+    job_type = cfg.logging.wandb_job_type or header["mode"]
+    return WandbLogger(store.root, header, group=group, job_type=job_type, name=f"{group}-seed{cfg.train.seed}",
+                       project=cfg.logging.wandb_project)
+
+
+class _Worker:
+    """What every rank does with its data-parallel group's relations; only the writer rank writes."""
+
+    def __init__(self, cfg: ExperimentConfig, store: RunStore, backbone, allowed, ctx: ParallelContext,
+                 progress: Progress, header: dict[str, Any]):
+        self.cfg, self.store, self.ctx, self.progress = cfg, store, ctx, progress
+        self.trainer = Trainer(backbone, cfg, allowed, progress=progress.line, parallel=ctx)
+        self.model_name = header["model"]
+
+    def record(self, relation: str, fields: dict[str, Any]) -> None:
+        if self.ctx.writer:
+            self.store.write_result(relation, fields)
+
+    def run(self, tasks: list[RelationTask], mode: str) -> None:
+        if self.cfg.output.resume:
+            final = {"train": "done", "manual": "manual_only", "evaluate": "evaluated"}[mode]
+            done = [t.id for t in tasks if (self.store.result(t.id) or {}).get("status") == final]
+            if done:
+                self.progress.line(f"already final, skipped: {', '.join(done)}")
+            tasks = [t for t in tasks if t.id not in done]
+        if not tasks:
+            return
+        need_manual = [t for t in tasks if "manual_p@1" not in (self.store.result(t.id) or {})]
+        if need_manual and (mode == "manual" or self.cfg.train.manual_baseline):
+            self.progress.line(f"manual prompts: evaluating test for {len(need_manual)} relations")
+            for rid, m in self.trainer.evaluate_manual(need_manual).items():
+                self.record(rid, {"manual_p@1": m["p@1"], "manual_p@10": m["p@10"], "manual_mrr": m["mrr"]})
+        if mode == "manual":
+            for task in tasks:
+                self.record(task.id, {"status": "manual_only"})
+        elif mode == "train":
+            self.trainer.train(tasks, self.finished, on_epoch=self.checkpoint, restore=self.restore)
+        else:
+            self.evaluate_saved(tasks)
+
+    def restore(self, task: RelationTask) -> dict | None:
+        return self.store.load_checkpoint(task.id) if self.cfg.output.resume else None
+
+    def checkpoint(self, run: RelationRun) -> None:
+        if self.ctx.writer:
+            self.store.save_checkpoint(run.task.id, self.trainer.run_state(run))
+            self.store.write_progress(run.task.id, {"dev_history": run.dev_history})
+
+    def finished(self, outcome: RelationOutcome) -> None:
+        rid = outcome.task.id
+        if self.ctx.writer:
+            if outcome.encoder is not None and self.cfg.output.save_encoders:
+                self.store.save_prompt(rid, outcome.encoder, {
+                    "relation": rid, "model": self.model_name, "encoder": self.cfg.prompt.encoder,
+                    "template": ",".join(map(str, self.trainer.counts)), "anchors": str(self.cfg.prompt.anchors)})
+            self.store.write_progress(rid, {"dev_history": outcome.metrics["dev_history"]})
+            self.store.write_result(rid, {"status": "done", **outcome.metrics})
+            self.store.remove_checkpoint(rid)
+        self.progress.line(f"{rid} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
+                           f"(best dev epoch {outcome.metrics['best_epoch']})")
+
+    def evaluate_saved(self, tasks: list[RelationTask]) -> None:
+        loaded = []
+        for task in tasks:
+            template = self.trainer.ptuning_template(task)
+            encoder = self.trainer.new_encoder(template, seed=0)
+            try:
+                encoder.load_state_dict(self.store.load_encoder_state(task.id))
+            except RuntimeError as error:
+                raise DataError(f"{self.store.encoder_path(task.id)}: does not fit the configured prompt encoder "
+                                f"({error})") from None
+            loaded.append((task, encoder, template))
+        metrics = {}
+        for split in ("dev", "test"):
+            items = [(enc, tpl.rows([e.subject for e in t.splits[split]], [e.label for e in t.splits[split]]))
+                     for t, enc, tpl in loaded]
+            metrics[split] = self.trainer.evaluate(items)
+        for (task, _, _), dev, test in zip(loaded, metrics["dev"], metrics["test"]):
+            self.record(task.id, {"status": "evaluated", "dev_p@1": dev["p@1"], "test_p@1": test["p@1"],
+                                  "test_p@10": test["p@10"], "test_mrr": test["mrr"]})
+

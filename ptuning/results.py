@@ -5,6 +5,7 @@ half a file.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -105,11 +106,42 @@ class Report:
         self.out_dir = Path(out_dir)
         self.payload: dict[str, Any] = {**header, "relations": {}}
 
-    def update(self, relation: str, fields: dict[str, Any]) -> None:
-        self.payload["relations"].setdefault(relation, {}).update(fields)
+    def merge(self, updates: dict[str, dict[str, Any]]) -> None:
+        """Fold in new fields of some relations, then rewrite both files once."""
+        for relation, fields in updates.items():
+            self.payload["relations"].setdefault(relation, {}).update(fields)
         self.payload.update(averages(self.payload["relations"]))
         atomic_write_text(self.out_dir / "results.json", json.dumps(self.payload, indent=2) + "\n")
         atomic_write_text(self.out_dir / "results.md", render_markdown(self.payload))
 
     def markdown(self) -> str:
         return render_markdown(self.payload)
+
+
+def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
+    """Bar chart of test P@1 per relation, manual prompt next to P-tuned; None when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(rid, r) for rid, r in payload["relations"].items() if r.get("status") in ("done", "manual_only",
+                                                                                        "evaluated")]
+    if not rows:
+        return None
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) + 2), 3.6))
+    manual = [100 * (r.get("manual_p@1") or 0) for _, r in rows]
+    tuned = [100 * (r.get("test_p@1") or 0) for _, r in rows]
+    ax.bar([i - 0.2 for i in x], manual, width=0.4, label=f"manual ({_pct(payload['macro'].get('manual_p@1'))})")
+    ax.bar([i + 0.2 for i in x], tuned, width=0.4, label=f"P-tuned ({_pct(payload['macro'].get('test_p@1'))})")
+    ax.set_xticks(list(x), [rid for rid, _ in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("test P@1 (%)")
+    ax.set_title(f"{payload['model']}, {payload['vocab']} (legend: macro average)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)

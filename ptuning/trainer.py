@@ -13,7 +13,7 @@ import copy
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from ptuning.config import ExperimentConfig
 from ptuning.data import SPLITS
 from ptuning.encoders import PromptEncoder
 from ptuning.metrics import restricted_ranks, summarize_ranks
+from ptuning.parallel import ParallelContext
 from ptuning.tasks import RelationTask
 from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_counts
 
@@ -76,8 +77,8 @@ class RelationRun:
         self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]])
                      for s in SPLITS}
         self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.optimizer = None  # torch Adam, or DeepSpeed's optimizer in the LM fine-tuning modes
+        self.engine = None  # the DeepSpeed engine, when the config has a deepspeed section and the LM trains
         self.epoch = 0  # epochs completed
         self.order: list[int] = []
         self.cursor = 0
@@ -100,6 +101,37 @@ class RelationRun:
     def epoch_over(self) -> bool:
         return self.cursor >= len(self.order)
 
+    def decay_lr(self, gamma: float) -> None:
+        """ExponentialLR, once per epoch of this relation."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= gamma
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last finished epoch exactly as if never stopped."""
+        state = {
+            "epoch": self.epoch, "order": self.order, "best_dev": self.best_dev, "best_epoch": self.best_epoch,
+            "best_state": self.best_state, "bad_epochs": self.bad_epochs, "dev_history": self.dev_history,
+            "seconds": self.elapsed(), "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if self.encoder is not None:
+            state["encoder"] = self.encoder.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.order, self.cursor = state["epoch"], state["order"], 0
+        self.best_dev, self.best_epoch, self.best_state = state["best_dev"], state["best_epoch"], state["best_state"]
+        self.bad_epochs, self.dev_history = state["bad_epochs"], state["dev_history"]
+        self.started = time.perf_counter() - state["seconds"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.encoder is not None:
+            self.encoder.load_state_dict(state["encoder"])
+
 
 @dataclass
 class RelationOutcome:
@@ -110,8 +142,10 @@ class RelationOutcome:
 
 class Trainer:
     def __init__(self, backbone: HFBackbone, cfg: ExperimentConfig, allowed: torch.Tensor,
-                 progress: Callable[[str], None] = lambda line: None):
+                 progress: Callable[[str], None] = lambda line: None, parallel: ParallelContext | None = None):
         self.backbone, self.cfg, self.progress = backbone, cfg, progress
+        self.parallel = parallel or ParallelContext()
+        self.active: list[str] = []  # the relations in the step under way, for error messages
         self.allowed = allowed.to(backbone.device)
         self.tune_lm = cfg.train.mode != "ptuning"
         self.uses_prompts = cfg.train.mode != "finetune"
@@ -138,7 +172,9 @@ class Trainer:
                 table = self.backbone.model.get_input_embeddings().weight
                 encoder.init_from([table[i].float().cpu() if i is not None else None
                                    for i in template.manual_init_ids()])
-        return encoder.to(self.backbone.device)
+        encoder = encoder.to(self.backbone.device)
+        self.parallel.sync_module(encoder)  # tensor-parallel peers start from the same prompts
+        return encoder
 
     def prompt_vectors(self, encoder: PromptEncoder | None) -> torch.Tensor | None:
         return None if encoder is None else encoder()
@@ -196,10 +232,14 @@ class Trainer:
         return {t.id: m for t, m in zip(tasks, self.evaluate(items))}
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def train(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None]) -> None:
+    def train(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None],
+              on_epoch: Callable[[RelationRun], None] = lambda run: None,
+              restore: Callable[[RelationTask], dict | None] = lambda task: None) -> None:
+        """Train the relations, packed. on_epoch sees each relation after every epoch that did not end it (for
+        checkpoints); restore may return a relation's saved state to continue from."""
         size = 1 if self.tune_lm else (self.cfg.train.pack_relations or len(tasks))
         for start in range(0, len(tasks), size):
-            self._train_group(tasks[start:start + size], on_result)
+            self._train_group(tasks[start:start + size], on_result, on_epoch, restore)
 
     def _new_run(self, task: RelationTask) -> RelationRun:
         seed = relation_seed(self.cfg.train.seed, task.id)
@@ -213,24 +253,70 @@ class Trainer:
             self.backbone.model.load_state_dict(self._pristine_lm)
             torch.manual_seed(seed)  # dropout in the fine-tuned LM
             groups.append({"params": self.backbone.unfreeze(), "lr": self.cfg.train.lm_lr})
-        run.optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.train.weight_decay)
-        run.scheduler = torch.optim.lr_scheduler.ExponentialLR(run.optimizer, gamma=self.cfg.train.lr_decay)
+        if self.tune_lm and self.cfg.deepspeed is not None:
+            run.engine, run.optimizer = self._deepspeed(encoder, groups)
+        else:
+            run.optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.train.weight_decay)
         return run
 
-    def _train_group(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None]) -> None:
-        runs = [self._new_run(t) for t in tasks]
+    def _deepspeed(self, encoder: PromptEncoder | None, groups: list[dict]):
+        """The trainable parameters through deepspeed.initialize (ZeRO, bf16/fp16). Each data-parallel group
+        fine-tunes its own relation, so DeepSpeed's data-parallel group is this rank alone."""
+        import deepspeed
+
+        modules = torch.nn.ModuleDict({"lm": self.backbone.model})
+        if encoder is not None:
+            modules["encoder"] = encoder
+        config = {"train_micro_batch_size_per_gpu": self.cfg.train.batch_size, "gradient_accumulation_steps": 1,
+                  **self.cfg.deepspeed,
+                  "optimizer": {"type": "Adam", "params": {"lr": self.cfg.train.lr, "torch_adam": True,
+                                                           "weight_decay": self.cfg.train.weight_decay}}}
+        engine, optimizer, _, _ = deepspeed.initialize(model=modules, model_parameters=groups, config=config,
+                                                       mpu=self.parallel.solo_mpu())
+        return engine, optimizer
+
+    def _train_group(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None],
+                     on_epoch: Callable[[RelationRun], None], restore: Callable[[RelationTask], dict | None]) -> None:
+        runs = []
+        for task in tasks:
+            self.active = [task.id]
+            run = self._new_run(task)
+            state = restore(task)
+            if state is not None:
+                self._load_run_state(run, state)
+                self.progress(f"{task.id}: resuming after epoch {run.epoch}")
+            runs.append(run)
         while True:
             active = [r for r in runs if not r.done]
             if not active:
                 break
+            self.active = [r.task.id for r in active]
             self._step(active)
             ended = [r for r in active if r.epoch_over]
             if ended:
                 self._end_epochs(ended)
+                for run in ended:
+                    if not run.done:
+                        on_epoch(run)
                 finished = [r for r in ended if r.done]
                 if finished:
                     for outcome in self._finish(finished):
                         on_result(outcome)
+        self.active = []
+
+    def run_state(self, run: RelationRun) -> dict[str, Any]:
+        state = run.state_dict()
+        if self.tune_lm:  # each relation fine-tunes its own LM copy: it is part of the relation's state
+            state["lm"] = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.model.state_dict().items()}
+        return state
+
+    def _load_run_state(self, run: RelationRun, state: dict[str, Any]) -> None:
+        if run.engine is not None:
+            raise ValueError("resuming a relation mid-training is not supported with DeepSpeed; delete its "
+                             "checkpoint.pt to restart it")
+        run.load_state_dict(state)
+        if self.tune_lm:
+            self.backbone.model.load_state_dict(state["lm"])
 
     def _step(self, runs: list[RelationRun]) -> None:
         items = [(self.prompt_vectors(r.encoder), r.next_batch(self.cfg.train.batch_size)) for r in runs]
@@ -238,7 +324,12 @@ class Trainer:
         losses = F.cross_entropy(logits, batch.labels, reduction="none")
         per_run = torch.zeros(len(runs), device=losses.device).index_add(0, batch.owner, losses)
         sizes = torch.bincount(batch.owner, minlength=len(runs)).to(losses.dtype)
-        (per_run / sizes).sum().backward()
+        loss = (per_run / sizes).sum()
+        if runs[0].engine is not None:  # DeepSpeed: one relation at a time (LM fine-tuning)
+            runs[0].engine.backward(loss)
+            runs[0].engine.step()
+            return
+        loss.backward()
         for run in runs:
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -247,7 +338,7 @@ class Trainer:
         """Scheduler step, dev P@1, best state and early stopping for the relations whose epoch just ended."""
         dev = self.evaluate([(r.encoder, r.rows["dev"]) for r in runs])
         for run, metrics in zip(runs, dev):
-            run.scheduler.step()
+            run.decay_lr(self.cfg.train.lr_decay)
             run.epoch += 1
             score = metrics["p@1"]
             run.dev_history.append(score)
@@ -285,7 +376,7 @@ class Trainer:
                 "dev_p@1": run.best_dev,
                 "test_p@1": metrics["p@1"], "test_p@10": metrics["p@10"], "test_mrr": metrics["mrr"],
                 "best_epoch": run.best_epoch, "epochs_run": run.epoch,
-                "seconds": round(time.perf_counter() - run.started, 1),
+                "seconds": round(run.elapsed(), 1),
                 "dev_history": run.dev_history,
             }, run.encoder))
         if self.tune_lm:

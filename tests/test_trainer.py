@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ptuning.config import load_config
-from ptuning.experiment import encoder_path, run_experiment
+from ptuning.experiment import run_experiment
 from ptuning.results import load_tensors
+from ptuning.store import RunStore
 
 RELATIONS = "P1376,P36,P37"
 
@@ -14,7 +15,7 @@ RELATIONS = "P1376,P36,P37"
 def small_run(model, lama, out, *extra):
     cfg = load_config(None, [f"model.name={model}", f"data.relations={RELATIONS}", "data.max_train=20",
                              "data.max_dev=12", "data.max_test=30", "train.lr=0.01", "train.max_epochs=2",
-                             "train.manual_baseline=false", "logging.progress=off", f"output.dir={out}", *extra])
+                             "train.manual_baseline=false", "logging.progress=off", "logging.wandb=false", f"output.dir={out}", *extra])
     run_experiment(cfg, lama)
     return json.loads((out / "results.json").read_text())
 
@@ -31,13 +32,13 @@ def test_packed_equals_separate(fixture, request, lama, tmp_path):
             assert a[key] == b[key], (rid, key)
         assert a["test_mrr"] == pytest.approx(b["test_mrr"], abs=1e-6)
         assert a["dev_history"] == b["dev_history"]
-        wa = load_tensors(encoder_path(tmp_path / "packed", rid))
-        wb = load_tensors(encoder_path(tmp_path / "separate", rid))
+        wa = load_tensors(RunStore(tmp_path / "packed").encoder_path(rid))
+        wb = load_tensors(RunStore(tmp_path / "separate").encoder_path(rid))
         for name in wa:
             assert torch.allclose(wa[name], wb[name], atol=1e-5), (rid, name)
     # the encoders did train: different relations end with different weights from the same architecture
-    w1 = load_tensors(encoder_path(tmp_path / "packed", "P36"))["mlp.2.weight"]
-    w2 = load_tensors(encoder_path(tmp_path / "packed", "P37"))["mlp.2.weight"]
+    w1 = load_tensors(RunStore(tmp_path / "packed").encoder_path("P36"))["mlp.2.weight"]
+    w2 = load_tensors(RunStore(tmp_path / "packed").encoder_path("P37"))["mlp.2.weight"]
     assert not torch.allclose(w1, w2)
 
 

@@ -1,0 +1,65 @@
+"""Process groups from the launcher's environment: python (one process), torchrun, or the deepspeed launcher.
+
+Both torchrun and the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. gloo on
+CPU, nccl on GPU, chosen by itself.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from ptuning.parallel import ParallelContext
+
+# Data-parallel groups finish their relations at different times and wait for the others at the end.
+GROUP_TIMEOUT = datetime.timedelta(hours=72)
+
+
+def launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False) -> ParallelContext:
+    """solo_groups: also make a process group of each rank alone (DeepSpeed's data-parallel groups); a single
+    process then gets a one-rank process group too."""
+    if not launched_distributed():
+        if tensor_parallel != 1:
+            raise ValueError(f"parallel.tensor_parallel={tensor_parallel} needs that many processes per group; "
+                             "launch with torchrun or deepspeed")
+        if not solo_groups:
+            return ParallelContext()
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+    if world % tensor_parallel:
+        raise ValueError(f"world size {world} is not a multiple of parallel.tensor_parallel={tensor_parallel}")
+    # Every rank creates every group, in the same order (torch.distributed requires it).
+    tp_groups = [dist.new_group(list(range(start, start + tensor_parallel)), timeout=GROUP_TIMEOUT)
+                 for start in range(0, world, tensor_parallel)]
+    solo = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)] if solo_groups else None
+    return ParallelContext(rank=rank, world_size=world, group_index=rank // tensor_parallel,
+                           n_groups=world // tensor_parallel, tp_rank=rank % tensor_parallel,
+                           tp_group=tp_groups[rank // tensor_parallel], device=device,
+                           solo_group=solo[rank] if solo else None)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

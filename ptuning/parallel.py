@@ -1,0 +1,97 @@
+"""What the library knows of parallelism: the process groups it is handed, never how they were launched.
+
+World = data-parallel groups x tensor-parallel size. Relations are spread over the data-parallel groups (each
+group trains its relations packed); the ranks of one tensor-parallel group hold shards of one model, train the
+same relations, keep identical prompt encoders, and only their first rank writes files.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    group_index: int = 0  # which data-parallel group (set of relations) this rank works on
+    n_groups: int = 1
+    tp_rank: int = 0  # rank inside the tensor-parallel group
+    tp_group: Any = None  # torch.distributed group of this rank's tensor-parallel peers (None: no peers)
+    device: torch.device | None = None  # None: the config's model.device
+    solo_group: Any = None  # a process group of this rank alone (DeepSpeed's data-parallel group), when needed
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def writer(self) -> bool:
+        """One rank per tensor-parallel group writes its relations' files."""
+        return self.tp_rank == 0
+
+    @property
+    def coordinator(self) -> bool:
+        """Rank 0 gathers every relation's result into results.json and W&B."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sync_module(self, module: torch.nn.Module) -> None:
+        """Make a module identical across the tensor-parallel group: broadcast from its first rank."""
+        if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
+            return
+        source = dist.get_global_rank(self.tp_group, 0)
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=source, group=self.tp_group)
+
+
+    def solo_mpu(self) -> "SoloMPU":
+        if self.solo_group is None:
+            raise ValueError("DeepSpeed needs a process group: launch through launcher/run.py")
+        return SoloMPU(self.solo_group)
+
+
+class SoloMPU:
+    """The model-parallel-unit interface DeepSpeed asks for, with this rank alone as its data-parallel group:
+    ranks fine-tune different relations, so their gradients must never be averaged together."""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_group(self) -> Any:
+        return self.group
+
+    def get_data_parallel_rank(self) -> int:
+        return 0
+
+    def get_data_parallel_world_size(self) -> int:
+        return 1
+
+    def get_data_parallel_group(self) -> Any:
+        return self.group
+
+
+def balance(weights: dict[str, int], n_groups: int) -> list[list[str]]:
+    """Largest first onto the least-loaded group; ties go to the lowest group index. Deterministic, so every rank
+    computes the same assignment."""
+    groups: list[list[str]] = [[] for _ in range(n_groups)]
+    heap = [(0, i) for i in range(n_groups)]
+    for name in sorted(weights, key=lambda n: (-weights[n], n)):
+        load, index = heapq.heappop(heap)
+        groups[index].append(name)
+        heapq.heappush(heap, (load + weights[name], index))
+    return groups

@@ -1,0 +1,135 @@
+"""The output folder, the only channel between the ranks that train and the coordinator that reports.
+
+    <out>/run_config.json                       the settings the folder's results were made with
+    <out>/relations/<P>/result.json             the relation's figures; status "done" marks it final
+    <out>/relations/<P>/progress.json           dev P@1 per epoch so far (for W&B while it trains)
+    <out>/relations/<P>/checkpoint.pt           the last finished epoch: encoder, optimizer, scheduler,
+                                                early-stopping state, RNG states (removed once final)
+    <out>/relations/<P>/prompt_encoder.safetensors, prompt_vectors.safetensors
+    <out>/results.json, results.md, p_at_1.png, wandb/   written by the coordinator
+
+Every file is written to a temporary file and renamed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptuning.config import ConfigError, ExperimentConfig
+from ptuning.data import DataError
+from ptuning.results import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
+
+FINAL = ("done", "manual_only", "evaluated")
+
+# Keys that do not change a relation's figures; a resumed folder may differ in them.
+NEUTRAL = {"model": {"device"}, "data": {"data_dir", "relations"},
+           "train": {"pack_relations", "eval_batch_size", "manual_baseline"}}
+IDENTITY_SECTIONS = ("model", "data", "prompt", "train", "deepspeed")
+
+
+def identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    full = cfg.to_dict()
+    out = {}
+    for section in IDENTITY_SECTIONS:
+        values = full[section]
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k not in NEUTRAL.get(section, ())}
+        out[section] = values
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+
+
+class RunStore:
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir)
+
+    def relation_dir(self, relation: str) -> Path:
+        return self.root / "relations" / relation
+
+    # ---- the folder's settings --------------------------------------------------------------------------------
+    def prepare(self, cfg: ExperimentConfig) -> None:
+        """Coordinator only, before any rank starts: check a resumed folder was made with the same settings, or
+        clear it when output.resume is false."""
+        path = self.root / "run_config.json"
+        if not cfg.output.resume:
+            shutil.rmtree(self.root / "relations", ignore_errors=True)
+            for name in ("results.json", "results.md", "p_at_1.png"):
+                (self.root / name).unlink(missing_ok=True)
+        else:
+            previous = _read_json(path)
+            if previous is not None:
+                mine = identity(cfg)
+                changed = [f"{s}.{k}" for s in IDENTITY_SECTIONS for k in
+                           sorted(set((previous.get(s) or {})) | set(mine[s] or {}))
+                           if (previous.get(s) or {}).get(k) != (mine[s] or {}).get(k)]
+                if changed:
+                    raise ConfigError(
+                        f"{self.root}: holds results made with other settings ({', '.join(changed)}); use another "
+                        "output.dir, or --set output.resume=false to start it over")
+        atomic_write_text(path, json.dumps(identity(cfg), indent=2) + "\n")
+
+    # ---- per-relation records ---------------------------------------------------------------------------------
+    def result(self, relation: str) -> dict | None:
+        return _read_json(self.relation_dir(relation) / "result.json")
+
+    def write_result(self, relation: str, fields: dict[str, Any]) -> None:
+        record = {**(self.result(relation) or {}), **fields}
+        atomic_write_text(self.relation_dir(relation) / "result.json", json.dumps(record, indent=2) + "\n")
+
+    def progress(self, relation: str) -> dict | None:
+        return _read_json(self.relation_dir(relation) / "progress.json")
+
+    def write_progress(self, relation: str, fields: dict[str, Any]) -> None:
+        atomic_write_text(self.relation_dir(relation) / "progress.json", json.dumps(fields) + "\n")
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def checkpoint_path(self, relation: str) -> Path:
+        return self.relation_dir(relation) / "checkpoint.pt"
+
+    def save_checkpoint(self, relation: str, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.checkpoint_path(relation), buffer.getvalue())
+
+    def load_checkpoint(self, relation: str) -> dict[str, Any] | None:
+        path = self.checkpoint_path(relation)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated or foreign file: say which, and how to go on
+            raise DataError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error}); delete it to "
+                            f"restart {relation} from scratch") from None
+
+    def remove_checkpoint(self, relation: str) -> None:
+        self.checkpoint_path(relation).unlink(missing_ok=True)
+
+    # ---- prompts ----------------------------------------------------------------------------------------------
+    def encoder_path(self, relation: str) -> Path:
+        return self.relation_dir(relation) / "prompt_encoder.safetensors"
+
+    def save_prompt(self, relation: str, encoder: torch.nn.Module, meta: dict[str, str]) -> None:
+        save_tensors(self.encoder_path(relation), encoder.state_dict(), meta)
+        with torch.no_grad():
+            # The final prompt vectors on their own: pseudo token i of the template, in order; no encoder needed.
+            save_tensors(self.relation_dir(relation) / "prompt_vectors.safetensors",
+                         {"prompt_vectors": encoder()}, meta)
+
+    def load_encoder_state(self, relation: str) -> dict[str, torch.Tensor]:
+        path = self.encoder_path(relation)
+        if not path.is_file():
+            raise DataError(f"{path}: no saved prompt encoder for {relation}; train first (without --only-evaluate)")
+        return load_tensors(path)
