@@ -46,8 +46,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     if ctx.device is not None:
         cfg.model.device = str(ctx.device)
     backbone = load_backbone(cfg.model)
-    vocab_key = cfg.data.vocab_key or default_vocab_key(cfg.model.name)
-    mapped = cfg.data.vocab != "original" and vocab_key not in cfg.model.name
+    vocab_key = cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
+    mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
     vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,
                                layout if cfg.data.vocab != "original" else None, vocab_key)
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]

@@ -273,6 +273,8 @@ class Trainer:
                                                            "weight_decay": self.cfg.train.weight_decay}}}
         engine, optimizer, _, _ = deepspeed.initialize(model=modules, model_parameters=groups, config=config,
                                                        mpu=self.parallel.solo_mpu())
+        self.progress(f"DeepSpeed engine: ZeRO stage {engine.zero_optimization_stage()}, "
+                      f"{type(optimizer).__name__}, bf16 {engine.bfloat16_enabled()}, fp16 {engine.fp16_enabled()}")
         return engine, optimizer
 
     def _train_group(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None],

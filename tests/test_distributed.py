@@ -1,0 +1,145 @@
+"""The runner under every launcher, with real process groups (gloo), the real launchers, W&B offline, and a
+kill -9 in the middle of training."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ptuning.config import ConfigError, load_config
+from ptuning.parallel import balance
+from ptuning.store import RunStore
+from tests.conftest import REPO
+from tests.wandb_records import read_run
+
+BIN = Path(sys.executable).parent
+RELATIONS = "P1376,P36,P37,P1001"
+FIGURES = ("n_test", "manual_p@1", "dev_p@1", "test_p@1", "test_p@10", "best_epoch", "epochs_run", "dev_history")
+
+
+def sweep_args(model: Path, lama: Path, out: Path, *extra: str) -> list[str]:
+    return [str(REPO / "launcher" / "run.py"), "--set", f"model.name={model}", "--relations", RELATIONS,
+            "--data-dir", str(lama), "--out", str(out), "--set", "data.max_train=24", "--set", "data.max_dev=12",
+            "--set", "data.max_test=30", "--set", "train.max_epochs=3", "--set", "train.lr=0.01", *extra]
+
+
+def launch(prefix: list[str], args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(prefix + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def figures(out: Path) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    return {rid: {k: r.get(k) for k in FIGURES} for rid, r in results["relations"].items()}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_gpt2, lama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    launch([sys.executable], sweep_args(tiny_gpt2, lama, out))
+    return out
+
+
+def test_balance_puts_the_largest_first_on_the_least_loaded_group():
+    groups = balance({"a": 800, "b": 700, "c": 400, "d": 300, "e": 300}, 2)
+    assert groups == [["a", "d", "e"], ["b", "c"]]  # loads 1400 and 1100; the tie at 1100 went to group 0
+    assert balance({"a": 1}, 3) == [["a"], [], []]
+
+
+def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path):
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29611"],
+           sweep_args(tiny_gpt2, lama, tmp_path))
+    assert figures(tmp_path) == figures(single)
+    assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
+    # each data-parallel group's writer wrote its own relations
+    assert all(RunStore(tmp_path).encoder_path(r).is_file() for r in RELATIONS.split(","))
+
+
+def test_deepspeed_launcher_runs_the_same_config(single, tiny_gpt2, lama, tmp_path):
+    launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29612"],
+           sweep_args(tiny_gpt2, lama, tmp_path / "prompts"))
+    assert figures(tmp_path / "prompts") == figures(single)
+    # LM fine-tuning with a deepspeed section: the trainable parameters go through deepspeed.initialize
+    proc = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29613"],
+                  sweep_args(tiny_gpt2, lama, tmp_path / "finetune", "--set", "train.mode=ptuning_finetune",
+                             "--set", 'deepspeed.zero_optimization={"stage": 1}', "--set", "train.max_epochs=1"))
+    assert proc.stderr.count("DeepSpeed engine: ZeRO stage 1") + proc.stdout.count("DeepSpeed engine: ZeRO stage 1") >= 4
+    results = json.loads((tmp_path / "finetune" / "results.json").read_text())
+    assert {r["status"] for r in results["relations"].values()} == {"done"}
+
+
+def test_offline_wandb_run_holds_the_summary_and_the_table(single):
+    results = json.loads((single / "results.json").read_text())
+    run = read_run(single)
+    assert run["group"] == "tiny-gpt20-shared" and run["job_type"] == "ptuning"
+    assert run["summary"]["macro_p@1"] == pytest.approx(results["macro"]["test_p@1"])
+    assert run["summary"]["micro_p@1"] == pytest.approx(results["micro"]["test_p@1"])
+    assert run["summary"]["vocab"] == results["vocab"] and run["summary"]["n_relations"] == 4
+    table = run["history"]["relations"]
+    assert table["_type"] == "table-file" and table["nrows"] == 4
+    table_file = next(run["files"][0].parent.glob("files/media/table/relations_*.table.json"))
+    rows = json.loads(table_file.read_text())
+    assert [r[0] for r in rows["data"]] == RELATIONS.split(",")
+    assert rows["columns"][:6] == ["relation", "label", "n_test", "manual_p@1", "dev_p@1", "test_p@1"]
+    assert "P36/dev_p@1" in run["history"] and "P36/test_p@1" in run["history"]
+    assert (single / "p_at_1.png").stat().st_size > 1000
+    assert all(str(p).startswith(str(single)) for p in run["files"])
+
+
+def test_kill_9_then_restart_equals_an_uninterrupted_run(tiny_gpt2, lama, tmp_path):
+    args = lambda out: sweep_args(tiny_gpt2, lama, out, "--relations", "P1376,P36", "--set",
+                                  "train.pack_relations=1", "--set", "data.max_train=200", "--set",
+                                  "train.max_epochs=25", "--set", "train.patience=25", "--set", "logging.wandb=false")
+    launch([sys.executable], args(tmp_path / "whole"))
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable] + args(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    store = RunStore(out)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # P1376 finished, P36 a few epochs in
+        progress = (store.progress("P36") or {}) if (store.result("P1376") or {}).get("status") == "done" else {}
+        if len(progress.get("dev_history", [])) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (store.result("P36") or {}).get("status") != "done", "the run finished before it could be killed"
+    assert store.checkpoint_path("P36").is_file()
+
+    restarted = launch([sys.executable], args(out))
+    assert "already final, skipped: P1376" in restarted.stderr
+    assert "P36: resuming after epoch" in restarted.stderr
+    assert figures(out) == figures(tmp_path / "whole")
+    assert not store.checkpoint_path("P36").exists()
+
+
+def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama, tmp_path):
+    # P37 falls to rank 1 (balance: P1001, P36 on group 0; P1376, P37 on group 1); its checkpoint is garbage
+    store = RunStore(tmp_path)
+    store.checkpoint_path("P37").parent.mkdir(parents=True)
+    store.checkpoint_path("P37").write_bytes(b"not a checkpoint")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29614"]
+                          + sweep_args(tiny_gpt2, lama, tmp_path, "--set", "logging.wandb=false"),
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode != 0
+    assert "error: rank 1 failed on relation(s) P37" in proc.stderr and "delete it to restart P37" in proc.stderr
+
+
+def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):
+    store = RunStore(tmp_path)
+    store.prepare(load_config(None, ["train.lr=1e-3"]))
+    store.prepare(load_config(None, ["train.lr=1e-3", "train.pack_relations=2", "data.relations=P19"]))
+    with pytest.raises(ConfigError, match=r"other settings \(train.lr\)"):
+        store.prepare(load_config(None, ["train.lr=3e-3"]))
+    store.prepare(load_config(None, ["train.lr=3e-3", "output.resume=false"]))  # starts the folder over
