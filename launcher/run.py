@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from launcher.distributed import init_parallel, shutdown
-from ptuning.config import ConfigError, load_config
+from ptuning.config import ConfigError, ExperimentConfig, load_config
 from ptuning.data import DataError, resolve_data_dir
 from ptuning.experiment import RelationFailure, run_experiment
 from ptuning.models import ModelError
@@ -43,16 +43,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The config file with --set, --relations and --out applied."""
     overrides = list(args.overrides)
     if args.relations:
         overrides.append(f"data.relations={args.relations}")
     if args.out:
         overrides.append(f"output.dir={args.out}")
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     mode = "evaluate" if args.only_evaluate else "manual" if args.manual_baseline else "train"
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
         parallel = init_parallel(cfg.parallel.tensor_parallel,
                                  solo_groups=cfg.deepspeed is not None and cfg.train.mode != "ptuning")
         payload = run_experiment(cfg, resolve_data_dir(args.data_dir, cfg.data.data_dir), mode, parallel)
