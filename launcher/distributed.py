@@ -50,13 +50,20 @@ def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False) -> Parall
         dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
     if world % tensor_parallel:
         raise ValueError(f"world size {world} is not a multiple of parallel.tensor_parallel={tensor_parallel}")
-    # Every rank creates every group, in the same order (torch.distributed requires it).
-    tp_groups = [dist.new_group(list(range(start, start + tensor_parallel)), timeout=GROUP_TIMEOUT)
-                 for start in range(0, world, tensor_parallel)]
+    if tensor_parallel > 1:
+        # megatron-core's layers reduce over its own tensor-parallel groups: consecutive ranks, as ours
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    else:
+        # every rank creates every group, in the same order (torch.distributed requires it)
+        tp_groups = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)]
+        tp_group = tp_groups[rank]
     solo = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)] if solo_groups else None
     return ParallelContext(rank=rank, world_size=world, group_index=rank // tensor_parallel,
-                           n_groups=world // tensor_parallel, tp_rank=rank % tensor_parallel,
-                           tp_group=tp_groups[rank // tensor_parallel], device=device,
+                           n_groups=world // tensor_parallel, tp_size=tensor_parallel,
+                           tp_rank=rank % tensor_parallel, tp_group=tp_group, device=device,
                            solo_group=solo[rank] if solo else None)
 
 

@@ -23,8 +23,10 @@ HEAD_ORDER = {"distilbert": ("vocab_transform", "activation", "vocab_layer_norm"
 class Backbone(Protocol):
     kind: str  # "masked" or "causal"
     hidden_size: int
-    vocab_size: int  # width of the logits
+    vocab_size: int  # the whole vocabulary
     device: torch.device
+    vocab_shard: object | None  # None: scores() gives all logits; else which slice this rank's logits are
+    trainable_lm: bool
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -33,6 +35,9 @@ class Backbone(Protocol):
 
 
 class HFBackbone:
+    trainable_lm = True  # the LM fine-tuning modes can train it
+    vocab_shard = None  # full logits on every rank
+
     def __init__(self, model: nn.Module, tokenizer, kind: str, bf16: bool = False):
         self.model, self.tokenizer, self.kind, self.bf16 = model, tokenizer, kind, bf16
         self.device = next(model.parameters()).device

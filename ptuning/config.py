@@ -28,6 +28,7 @@ class ModelConfig:
     name: str = "smollm2-135m"
     kind: str = field(default="auto", metadata=_choices("auto", "masked", "causal"))
     gguf_file: str | None = None  # a GGUF file inside `name` (a folder) to load with transformers' gguf_file=
+    tokenizer: str | None = None  # for checkpoints without one (Megatron-11B: default roberta-large)
     device: str = "auto"  # auto picks cuda when available, else cpu
     dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))  # LM weights
     bf16: bool = False  # bf16 autocast around the language model

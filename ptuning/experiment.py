@@ -45,7 +45,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
 
     if ctx.device is not None:
         cfg.model.device = str(ctx.device)
-    backbone = load_backbone(cfg.model)
+    backbone = load_backbone(cfg.model, ctx)
     vocab_key = cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
     mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
     vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,

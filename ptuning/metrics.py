@@ -2,17 +2,42 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
-def restricted_ranks(logits: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def restricted_ranks(logits: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor,
+                     shard=None) -> torch.Tensor:
     """1-based rank of each label among the allowed ids. Ties break by id, as argmax does, so rank 1 is exactly
-    `argmax(logits masked to allowed) == label`."""
+    `argmax(logits masked to allowed) == label`.
+
+    With a vocab shard (tensor parallelism) the logits are this rank's slice of the vocabulary: the gold logit
+    and the count of ids ahead of it are summed across the group, so nothing is gathered and every rank gets
+    the same ranks as the full logits would give."""
     logits = logits.float()
-    masked = logits.masked_fill(~allowed, float("-inf"))
-    gold = logits.gather(1, labels[:, None])
-    ids = torch.arange(logits.shape[1], device=logits.device)
-    ahead = (masked > gold) | ((masked == gold) & (ids[None, :] < labels[:, None]))
-    return ahead.sum(dim=1) + 1
+    start = 0 if shard is None else shard.start
+    local_allowed = allowed[start:start + logits.shape[1]]
+    local_labels = labels - start
+    owned = (local_labels >= 0) & (local_labels < logits.shape[1])
+    gold = logits.gather(1, local_labels.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+    gold = torch.where(owned, gold, torch.zeros_like(gold))
+    if shard is not None:
+        dist.all_reduce(gold, group=shard.group)
+    masked = logits.masked_fill(~local_allowed, float("-inf"))
+    ids = torch.arange(start, start + logits.shape[1], device=logits.device)
+    ahead = (masked > gold[:, None]) | ((masked == gold[:, None]) & (ids[None, :] < labels[:, None]))
+    count = ahead.sum(dim=1)
+    if shard is not None:
+        dist.all_reduce(count, group=shard.group)
+    return count + 1
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shard=None) -> torch.Tensor:
+    """Per-row cross-entropy over the whole vocabulary; vocab-parallel (megatron-core's) with a shard."""
+    if shard is None:
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(logits, labels)
 
 
 def summarize_ranks(ranks: torch.Tensor) -> dict[str, float]:

@@ -18,6 +18,7 @@ import torch
 
 from ptuning.backbone import HFBackbone
 from ptuning.config import ModelConfig
+from ptuning.parallel import ParallelContext
 
 PAPER_MODELS = {
     "bert-base-cased": "google-bert/bert-base-cased",
@@ -115,12 +116,29 @@ def detect_kind(hf_config) -> str:
     return "causal" if hf_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "masked"
 
 
-def load_backbone(cfg: ModelConfig) -> HFBackbone:
+def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
+    """A Backbone for the configured model: MegatronBackbone for a Megatron-11B folder (the fairseq release or
+    a merged one), HFBackbone for everything else."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()  # logs and CI get plain lines, not carriage-return bars
+    parallel = parallel or ParallelContext()
+    folder = Path(cfg.name).expanduser()
+    if folder.is_dir():
+        from model_parallel.backbone import is_merged, is_release, load_megatron
+        from model_parallel.release import ReleaseError
+
+        if is_release(folder) or is_merged(folder):
+            try:
+                return load_megatron(folder, cfg.tokenizer, parallel.tp_size, parallel.tp_rank, parallel.tp_group,
+                                     DTYPES[cfg.dtype], resolve_device(cfg.device), cfg.bf16)
+            except (ReleaseError, OSError) as error:
+                raise ModelError(f"model.name: {error}") from None
+    if parallel.tp_size > 1:
+        raise ModelError(f"parallel.tensor_parallel {parallel.tp_size}: only the Megatron-11B backbone is "
+                         "tensor-parallel; Hugging Face models run with tensor_parallel 1")
 
     source = _source(cfg)
     try:

@@ -20,6 +20,7 @@ class ParallelContext:
     world_size: int = 1
     group_index: int = 0  # which data-parallel group (set of relations) this rank works on
     n_groups: int = 1
+    tp_size: int = 1
     tp_rank: int = 0  # rank inside the tensor-parallel group
     tp_group: Any = None  # torch.distributed group of this rank's tensor-parallel peers (None: no peers)
     device: torch.device | None = None  # None: the config's model.device

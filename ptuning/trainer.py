@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from ptuning.backbone import HFBackbone
-from ptuning.config import ExperimentConfig
+from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.data import SPLITS
 from ptuning.encoders import PromptEncoder
-from ptuning.metrics import restricted_ranks, summarize_ranks
+from ptuning.metrics import cross_entropy, restricted_ranks, summarize_ranks
 from ptuning.parallel import ParallelContext
 from ptuning.tasks import RelationTask
 from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_counts
@@ -148,6 +147,9 @@ class Trainer:
         self.active: list[str] = []  # the relations in the step under way, for error messages
         self.allowed = allowed.to(backbone.device)
         self.tune_lm = cfg.train.mode != "ptuning"
+        if self.tune_lm and not backbone.trainable_lm:
+            raise ConfigError(f"train.mode {cfg.train.mode}: this backbone trains prompts only (train.mode ptuning)")
+        self.shard = backbone.vocab_shard
         self.uses_prompts = cfg.train.mode != "finetune"
         self.counts = tuple(cfg.prompt.template or default_counts(backbone.kind))
         self._pristine_lm = ({k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
@@ -168,10 +170,10 @@ class Trainer:
             encoder = PromptEncoder(template.n_pseudo, self.backbone.hidden_size, self.cfg.prompt.encoder,
                                     self.cfg.prompt.lstm_dropout, self.backbone.embedding_std)
         if self.cfg.prompt.init == "manual":
+            ids = template.manual_init_ids()
             with torch.no_grad():
-                table = self.backbone.model.get_input_embeddings().weight
-                encoder.init_from([table[i].float().cpu() if i is not None else None
-                                   for i in template.manual_init_ids()])
+                words = self.backbone.embed(torch.tensor([i or 0 for i in ids], device=self.backbone.device))
+            encoder.init_from([words[k].float().cpu() if i is not None else None for k, i in enumerate(ids)])
         encoder = encoder.to(self.backbone.device)
         self.parallel.sync_module(encoder)  # tensor-parallel peers start from the same prompts
         return encoder
@@ -216,7 +218,7 @@ class Trainer:
                 by_owner.setdefault(i, []).append((j, row))
             logits, batch = self.packed_logits([(vectors[i], [row for _, row in pairs])
                                                 for i, pairs in by_owner.items()])
-            ranks = restricted_ranks(logits, batch.labels, self.allowed).tolist()
+            ranks = restricted_ranks(logits, batch.labels, self.allowed, self.shard).tolist()
             positions = [(i, j) for i, pairs in by_owner.items() for j, _ in pairs]  # the order packed_logits used
             for (i, j), rank in zip(positions, ranks):
                 out[i][j] = rank
@@ -323,7 +325,7 @@ class Trainer:
     def _step(self, runs: list[RelationRun]) -> None:
         items = [(self.prompt_vectors(r.encoder), r.next_batch(self.cfg.train.batch_size)) for r in runs]
         logits, batch = self.packed_logits(items)
-        losses = F.cross_entropy(logits, batch.labels, reduction="none")
+        losses = cross_entropy(logits, batch.labels, self.shard)
         per_run = torch.zeros(len(runs), device=losses.device).index_add(0, batch.owner, losses)
         sizes = torch.bincount(batch.owner, minlength=len(runs)).to(losses.dtype)
         loss = (per_run / sizes).sum()

@@ -1,0 +1,120 @@
+"""The Megatron-11B backbone: the same seam as HFBackbone (embed, scores at target positions), with logits that
+stay vocab-parallel under tensor parallelism: each rank returns its slice of the vocabulary and a VocabShard
+saying which, and the loss and the restricted ranks reduce across the group without gathering (ptuning/metrics.py).
+
+Where the weights come from:
+  the fairseq release (8 parts)   tensor_parallel 8: rank i loads part i as it is, no merge
+  a merged folder (merge.py)      tensor_parallel 1, 2, 4 (or 8): each rank reads only its slice of the
+                                  memory-mapped safetensors; 1 is the single-GPU model (bf16/fp16, ~22 GB)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from model_parallel.merge import INDEX, read_merged_spec
+from model_parallel.model import MegatronLM
+from model_parallel.release import N_PARTS, PART, ReleaseError, load_part, read_spec, split_dim
+
+DEFAULT_TOKENIZER = "FacebookAI/roberta-large"  # GPT-2 BPE in fairseq dict.txt order: RoBERTa's ids
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    start: int  # this rank's first vocabulary id
+    end: int
+    group: Any  # the tensor-parallel process group to reduce over
+
+
+def is_release(folder: Path) -> bool:
+    return (folder / PART.format(0)).is_file()
+
+
+def is_merged(folder: Path) -> bool:
+    return (folder / INDEX).is_file()
+
+
+def read_merged_shard(folder: Path, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's slice of every tensor, read from the memory-mapped safetensors (only the slice is read)."""
+    weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    state = {}
+    for filename in sorted(set(weight_map.values())):
+        with safe_open(folder / filename, framework="pt") as handle:
+            for name in handle.keys():
+                dim = split_dim(name)
+                if tp == 1 or dim is None:
+                    state[name] = handle.get_tensor(name)
+                    continue
+                view = handle.get_slice(name)
+                size = view.get_shape()[dim] // tp
+                cut = slice(rank * size, (rank + 1) * size)
+                state[name] = view[cut] if dim == 0 else view[:, cut]
+    return state
+
+
+class MegatronBackbone:
+    kind = "causal"
+    trainable_lm = False  # 11B: prompts only
+    head_splits = True
+
+    def __init__(self, model: MegatronLM, tokenizer, tp_rank: int = 0, group: Any = None, bf16: bool = False):
+        self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
+        self.device = next(model.parameters()).device
+        self.hidden_size = model.spec.hidden
+        self.vocab_size = model.spec.vocab_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.spec.padding_idx
+        self.padding_side = "left"
+        per_rank = model.spec.vocab_size // model.tp
+        self.vocab_shard = (VocabShard(tp_rank * per_rank, (tp_rank + 1) * per_rank, group) if model.tp > 1
+                            else None)
+        self.freeze()
+
+    def freeze(self) -> None:
+        self.model.eval()  # no dropout in the frozen model
+        self.model.requires_grad_(False)
+
+    @property
+    def embedding_std(self) -> float:
+        return float(self.model.embed_tokens.weight.detach().float().std())
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids)
+
+    def scores(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+               target_positions: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.model(inputs_embeds, attention_mask)
+            logits = self.model.logits(hidden[rows, target_positions])
+        return logits.float()
+
+
+def load_megatron(folder: Path, tokenizer_name: str | None, tp: int, tp_rank: int, group: Any,
+                  dtype: torch.dtype, device: torch.device, bf16: bool = False) -> MegatronBackbone:
+    from transformers import AutoTokenizer
+
+    if is_release(folder):
+        if tp != N_PARTS:
+            raise ReleaseError(f"{folder}: the fairseq release loads as is only at tensor_parallel {N_PARTS}; for "
+                               f"{tp}, merge it first: python -m model_parallel.merge --src {folder} --dst DIR")
+        spec, _ = read_spec(folder)
+        _, state = load_part(folder / PART.format(tp_rank))
+    elif is_merged(folder):
+        spec = read_merged_spec(folder)
+        state = read_merged_shard(folder, tp, tp_rank)
+    else:
+        raise ReleaseError(f"{folder}: neither the fairseq release ({PART.format(0)}, ...) nor a merged folder "
+                           f"({INDEX})")
+    model = MegatronLM(spec, tp=tp, dtype=dtype)
+    try:
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    except RuntimeError as error:
+        raise ReleaseError(f"{folder}: weights do not fit the model built from its config ({error})") from None
+    del state
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or DEFAULT_TOKENIZER)
+    return MegatronBackbone(model.to(device), tokenizer, tp_rank, group, bf16)

@@ -1,0 +1,158 @@
+"""MegatronLM-11B (fairseq transformer_lm_megatron_11b) as our own module, dense or tensor-parallel.
+
+    x = embed_scale * inputs_embeds + sinusoidal(positions)     positions past fairseq's padding index
+    72 x [ x += out_proj(attn(LN(x)));  x += fc2(gelu(fc1(LN(x)))) ]      pre-LayerNorm, causal
+    logits = LN(x) @ embed_tokens.T                             tied output projection
+
+Prompt vectors enter as inputs_embeds and, like the subject's token embeddings, get the sqrt(hidden) scale inside
+the model, as the reference P-tuning code did when it passed embeddings through fairseq's decoder.
+
+tp == 1: plain torch layers (the merged single-GPU model). tp > 1: megatron-core's VocabParallelEmbedding,
+ColumnParallelLinear(gather_output=False) for q/k/v and fc1, RowParallelLinear(input_is_parallel=True) for out_proj
+and fc2; each rank holds its heads and its slice of the vocabulary, and the logits stay vocab-parallel.
+Parameter names are fairseq's without the `decoder.` prefix, so checkpoints load by name.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_parallel.release import MegatronSpec
+
+
+def sinusoidal_table(rows: int, dim: int, padding_idx: int) -> torch.Tensor:
+    """fairseq's SinusoidalPositionalEmbedding table (sin half, then cos half; the padding row zero)."""
+    half = dim // 2
+    scale = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -scale)
+    angles = torch.arange(rows, dtype=torch.float)[:, None] * freqs[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(rows, 1)], dim=1)
+    table[padding_idx] = 0
+    return table
+
+
+def _out(result):
+    """megatron-core's linear layers return (output, bias); plain layers return output."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+class _Layers:
+    """Builds the layers of one tensor-parallel size."""
+
+    def __init__(self, tp: int, dtype: torch.dtype, device: str | torch.device):
+        self.tp, self.dtype, self.device = tp, dtype, device
+        if tp > 1:
+            from megatron.core.model_parallel_config import ModelParallelConfig
+
+            self.config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                              perform_initialization=False, params_dtype=dtype)
+
+    def embedding(self, rows: int, dim: int) -> nn.Module:
+        if self.tp == 1:
+            return nn.Embedding(rows, dim, device=self.device, dtype=self.dtype)
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        return VocabParallelEmbedding(rows, dim, init_method=_no_init, config=self.config)
+
+    def column(self, n_in: int, n_out: int) -> nn.Module:
+        if self.tp == 1:
+            return nn.Linear(n_in, n_out, device=self.device, dtype=self.dtype)
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        return ColumnParallelLinear(n_in, n_out, config=self.config, init_method=_no_init, bias=True,
+                                    gather_output=False)
+
+    def row(self, n_in: int, n_out: int) -> nn.Module:
+        if self.tp == 1:
+            return nn.Linear(n_in, n_out, device=self.device, dtype=self.dtype)
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        return RowParallelLinear(n_in, n_out, config=self.config, init_method=_no_init, bias=True,
+                                 input_is_parallel=True, skip_bias_add=False)
+
+    def norm(self, dim: int) -> nn.Module:
+        return nn.LayerNorm(dim, device=self.device, dtype=self.dtype)
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights come from the checkpoint."""
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, spec: MegatronSpec, layers: _Layers):
+        super().__init__()
+        self.heads = spec.heads // layers.tp  # this rank's heads
+        self.head_dim = spec.hidden // spec.heads
+        self.q_proj = layers.column(spec.hidden, spec.hidden)
+        self.k_proj = layers.column(spec.hidden, spec.hidden)
+        self.v_proj = layers.column(spec.hidden, spec.hidden)
+        self.out_proj = layers.row(spec.hidden, spec.hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (_out(proj(x)).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim**-0.5, as fairseq
+        return _out(self.out_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: MegatronSpec, layers: _Layers):
+        super().__init__()
+        self.self_attn = SelfAttention(spec, layers)
+        self.self_attn_layer_norm = layers.norm(spec.hidden)
+        self.fc1 = layers.column(spec.hidden, spec.ffn)
+        self.fc2 = layers.row(spec.ffn, spec.hidden)
+        self.final_layer_norm = layers.norm(spec.hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
+        return x + _out(self.fc2(F.gelu(_out(self.fc1(self.final_layer_norm(x))))))
+
+
+class MegatronLM(nn.Module):
+    def __init__(self, spec: MegatronSpec, tp: int = 1, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        super().__init__()
+        if spec.heads % tp or spec.vocab_size % tp or spec.ffn % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide heads/vocabulary/FFN of {spec}")
+        self.spec, self.tp = spec, tp
+        layers = _Layers(tp, dtype, device)
+        self.embed_tokens = layers.embedding(spec.vocab_size, spec.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(spec, layers) for _ in range(spec.layers))
+        self.layer_norm = layers.norm(spec.hidden)
+        self.embed_scale = math.sqrt(spec.hidden) if spec.scale_embedding else 1.0
+        self.register_buffer("positions_table", sinusoidal_table(spec.max_positions + spec.padding_idx + 1,
+                                                                 spec.hidden, spec.padding_idx).to(device),
+                             persistent=False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, hidden). Left padding is fine: positions count real tokens only."""
+        mask = attention_mask.long()
+        positions = torch.cumsum(mask, dim=1) * mask + self.spec.padding_idx  # fairseq's make_positions
+        x = self.embed_scale * inputs_embeds + self.positions_table[positions].to(inputs_embeds.dtype)
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        # causal and not a padding key; each position also sees itself, so padding rows never go empty
+        allowed = (causal[None] & attention_mask.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool,
+                                                                                device=x.device)[None]
+        allowed = allowed[:, None]  # broadcast over heads
+        for layer in self.layers:
+            x = layer(x, allowed)
+        return self.layer_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over this rank's slice of the vocabulary (all of it when tp == 1)."""
+        if self.tp > 1:
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            hidden = copy_to_tensor_model_parallel_region(hidden)  # backward all-reduces the input gradient
+        return hidden @ self.embed_tokens.weight.t()
