@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py constraints.txt requirements-models.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) launcher/run.py --config configs/quickstart.json
+	$(PY) launcher/run.py --config configs/quickstart.json $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests

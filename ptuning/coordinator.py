@@ -39,7 +39,8 @@ class Coordinator:
                     if self.logger is not None:
                         self.logger.relation_final(rid, record)
                     if record.get("test_p@1") is not None:
-                        self.announce(f"{rid} final: test P@1 {record['test_p@1']:.3f}")
+                        best = f" (best dev epoch {record['best_epoch']})" if "best_epoch" in record else ""
+                        self.announce(f"{rid} done: test P@1 {record['test_p@1']:.3f}{best}")
             if updates:
                 self.report.merge(updates)
 

@@ -154,8 +154,9 @@ class _Worker:
             self.store.write_progress(rid, {"dev_history": outcome.metrics["dev_history"]})
             self.store.write_result(rid, {"status": "done", **outcome.metrics})
             self.store.remove_checkpoint(rid)
-        self.progress.line(f"{rid} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
-                           f"(best dev epoch {outcome.metrics['best_epoch']})")
+        if not self.ctx.coordinator:  # the coordinator announces every relation as its record lands
+            self.progress.line(f"{rid} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
+                               f"(best dev epoch {outcome.metrics['best_epoch']})")
 
     def evaluate_saved(self, tasks: list[RelationTask]) -> None:
         loaded = []

@@ -68,6 +68,21 @@ def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int,
                  tensor(owners))
 
 
+def length_buckets(vectors: list, rows: list[list[Row]], size: int):
+    """Split the rows of several relations into chunks of at most `size` rows of similar length (size 0: one
+    chunk). Yields (pack items for packed_logits, the (relation, row) each logits row belongs to)."""
+    flat = [(i, j, row) for i, rs in enumerate(rows) for j, row in enumerate(rs)]
+    if size:
+        flat.sort(key=lambda x: len(x[2].ids))
+    size = size or len(flat)
+    for start in range(0, len(flat), size):
+        by_owner: dict[int, list[tuple[int, Row]]] = {}
+        for i, j, row in flat[start:start + size]:
+            by_owner.setdefault(i, []).append((j, row))
+        chunk = [(vectors[i], [row for _, row in pairs]) for i, pairs in by_owner.items()]
+        yield chunk, [(i, j) for i, pairs in by_owner.items() for j, _ in pairs]  # packed_logits' row order
+
+
 class RelationRun:
     """The training state of one relation."""
 
@@ -208,18 +223,11 @@ class Trainer:
         was_training = model.training
         model.eval()
         vectors = [self.prompt_vectors(encoder) for encoder, _ in items]
-        flat = [(i, j, row) for i, (_, rows) in enumerate(items) for j, row in enumerate(rows)]
-        flat.sort(key=lambda x: len(x[2].ids))
         out = [torch.zeros(len(rows), dtype=torch.long) for _, rows in items]
         size = self.cfg.train.eval_batch_size
-        for start in range(0, len(flat), size):
-            by_owner: dict[int, list[tuple[int, Row]]] = {}
-            for i, j, row in flat[start:start + size]:
-                by_owner.setdefault(i, []).append((j, row))
-            logits, batch = self.packed_logits([(vectors[i], [row for _, row in pairs])
-                                                for i, pairs in by_owner.items()])
+        for chunk, positions in length_buckets(vectors, [rows for _, rows in items], size):
+            logits, batch = self.packed_logits(chunk)
             ranks = restricted_ranks(logits, batch.labels, self.allowed, self.shard).tolist()
-            positions = [(i, j) for i, pairs in by_owner.items() for j, _ in pairs]  # the order packed_logits used
             for (i, j), rank in zip(positions, ranks):
                 out[i][j] = rank
         model.train(was_training)
@@ -322,13 +330,21 @@ class Trainer:
         if self.tune_lm:
             self.backbone.model.load_state_dict(state["lm"])
 
+    def _loss(self, runs: list[RelationRun]) -> torch.Tensor:
+        """The next micro-batch of every relation, packed: the sum over relations of each one's mean row loss,
+        computed over length-sorted chunks of rows."""
+        vectors = [self.prompt_vectors(r.encoder) for r in runs]
+        rows = [r.next_batch(self.cfg.train.batch_size) for r in runs]
+        loss = torch.zeros((), device=self.backbone.device)
+        for chunk, positions in length_buckets(vectors, rows, self.cfg.train.bucket_rows):
+            logits, batch = self.packed_logits(chunk)
+            losses = cross_entropy(logits, batch.labels, self.shard)
+            weights = torch.tensor([1.0 / len(rows[i]) for i, _ in positions], device=losses.device)
+            loss = loss + (losses * weights).sum()
+        return loss
+
     def _step(self, runs: list[RelationRun]) -> None:
-        items = [(self.prompt_vectors(r.encoder), r.next_batch(self.cfg.train.batch_size)) for r in runs]
-        logits, batch = self.packed_logits(items)
-        losses = cross_entropy(logits, batch.labels, self.shard)
-        per_run = torch.zeros(len(runs), device=losses.device).index_add(0, batch.owner, losses)
-        sizes = torch.bincount(batch.owner, minlength=len(runs)).to(losses.dtype)
-        loss = (per_run / sizes).sum()
+        loss = self._loss(runs)
         if runs[0].engine is not None:  # DeepSpeed: one relation at a time (LM fine-tuning)
             runs[0].engine.backward(loss)
             runs[0].engine.step()

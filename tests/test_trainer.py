@@ -65,3 +65,28 @@ def test_lm_finetuning_modes_train_each_relation_from_the_same_weights(mode, tin
     alone = small_run(tiny_gpt2, lama, tmp_path / "alone", f"train.mode={mode}", "train.lm_lr=1e-3",
                       "train.max_epochs=1", "data.relations=P37")
     assert alone["relations"]["P37"]["test_mrr"] == pytest.approx(results["relations"]["P37"]["test_mrr"], abs=1e-9)
+
+
+def test_length_buckets_leave_the_gradients_unchanged(tiny_gpt2, lama):
+    """A packed step through length-sorted chunks of 5 rows gives each encoder the gradient of one padded batch."""
+    from ptuning.data import find_layout, read_relation_infos
+    from ptuning.models import load_backbone
+    from ptuning.tasks import prepare_task, read_relation
+    from ptuning.trainer import Trainer
+    from ptuning.vocab import build_answer_vocab
+
+    grads = {}
+    for bucket_rows in (0, 5):
+        cfg = load_config(None, [f"model.name={tiny_gpt2}", f"train.bucket_rows={bucket_rows}"])
+        backbone = load_backbone(cfg.model)
+        layout = find_layout(lama)
+        vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
+        infos = read_relation_infos(layout)
+        tasks = [prepare_task(infos[r], read_relation(layout, r), vocab, cfg.data) for r in RELATIONS.split(",")]
+        trainer = Trainer(backbone, cfg, vocab.allowed)
+        runs = [trainer._new_run(t) for t in tasks]
+        trainer._loss(runs).backward()
+        grads[bucket_rows] = [torch.cat([p.grad.flatten() for p in r.encoder.parameters()]) for r in runs]
+    for unbucketed, bucketed in zip(grads[0], grads[5]):
+        assert unbucketed.abs().max() > 0
+        assert torch.allclose(bucketed, unbucketed, rtol=1e-5, atol=1e-7 * unbucketed.abs().max())
