@@ -54,15 +54,18 @@ def main() -> None:
                                    "--max-train", str(args.max_train)], capture_output=True, text=True, check=True)
             runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     a, b = runs["one after another"], runs["packed"]
-    same = all(a["relations"][r]["test_p@1"] == b["relations"][r]["test_p@1"]
-               and a["relations"][r]["dev_history"] == b["relations"][r]["dev_history"]
-               and abs(a["relations"][r]["test_mrr"] - b["relations"][r]["test_mrr"]) < 1e-5 for r in a["relations"])
+    rel = a["relations"]
+    p1_gap = max(abs(rel[r]["test_p@1"] - b["relations"][r]["test_p@1"]) for r in rel)
+    mrr_gap = max(abs(rel[r]["test_mrr"] - b["relations"][r]["test_mrr"]) for r in rel)
+    dev_differs = [r for r in rel if rel[r]["dev_history"] != b["relations"][r]["dev_history"]]
     facts = sum(r["n_train"] for r in a["relations"].values()) * args.epochs
     print(f"{args.model}: 8 relations, {facts} training facts in all ({args.epochs} epochs), batch 8 per relation")
     for name, r in runs.items():
         print(f"  {name:18s} {r['seconds']:6.1f} s  ({facts / r['seconds']:.1f} train facts/s incl. dev/test "
               f"evaluation)  peak RSS {r['peak_rss_mb']:.0f} MB")
-    print(f"packed speed-up = {a['seconds'] / b['seconds']:.2f}x; same figures: {same}")
+    print(f"packed speed-up = {a['seconds'] / b['seconds']:.2f}x")
+    print(f"agreement: largest test P@1 gap {100 * p1_gap:.2f} points, largest MRR gap {mrr_gap:.2e}, dev curves "
+          f"differing in {len(dev_differs)} of {len(rel)} relations {dev_differs}")
 
 
 if __name__ == "__main__":
