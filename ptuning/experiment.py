@@ -23,7 +23,6 @@ from ptuning.trainer import RelationOutcome, RelationRun, Trainer
 from ptuning.vocab import build_answer_vocab, default_vocab_key
 from ptuning.wandb_log import WandbLogger
 
-MODES = ("train", "evaluate", "manual")  # P-tune (default), --only-evaluate saved prompts, --manual-baseline only
 
 
 class RelationFailure(RuntimeError):

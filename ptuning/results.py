@@ -114,9 +114,6 @@ class Report:
         atomic_write_text(self.out_dir / "results.json", json.dumps(self.payload, indent=2) + "\n")
         atomic_write_text(self.out_dir / "results.md", render_markdown(self.payload))
 
-    def markdown(self) -> str:
-        return render_markdown(self.payload)
-
 
 def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
     """Bar chart of test P@1 per relation, manual prompt next to P-tuned; None when there is nothing to draw."""
