@@ -1,6 +1,8 @@
 """Packing: 8 relations trained packed (one forward/backward per step for all of them) against the same 8
-trained one after another, with the same epochs and per-relation batch. Prints the wall-time ratio, checks that
-the figures agree, and the peak memory of each (each variant runs in its own process).
+trained one after another, with the same epochs and per-relation batch, each with facts sharing rows
+(train.row_tokens, the default) and with one padded fact per row. Prints wall-time ratios, where the time goes
+(training steps, evaluation, the rest: load and set-up), whether the figures agree, and the peak memory of each
+(each variant runs in its own process).
 
     python benchmarks/packing.py [--model smollm2-135m] [--data-dir ../shared/lama]
 """
@@ -15,23 +17,43 @@ import sys
 import tempfile
 import time
 
+import torch
+
 RELATIONS = "P1376,P36,P37,P103,P176,P138,P178,P463"
 
 
-def child(model: str, data_dir: str, pack: int, out: str, epochs: int, max_train: int) -> dict:
+def timed(phases: dict, name: str, fn):
+    """fn, adding its wall time to phases[name] (instrumentation for this benchmark only)."""
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] += time.perf_counter() - start
+    return call
+
+
+def child(model: str, data_dir: str, pack: int, row_tokens: int, out: str, epochs: int, max_train: int,
+          overrides: list[str]) -> dict:
     from ptuning.config import load_config
     from ptuning.experiment import run_experiment
+    from ptuning.trainer import Trainer
 
     cfg = load_config(None, [f"model.name={model}", f"data.relations={RELATIONS}", f"data.max_train={max_train}",
                              "data.max_dev=48", "data.max_test=64", f"train.max_epochs={epochs}",
                              f"train.patience={epochs}", "train.lr=1e-3", "train.manual_baseline=false",
-                             f"train.pack_relations={pack}", "logging.wandb=false", "logging.progress=off",
-                             f"output.dir={out}", "prompt.template=[3,3,0]"])
+                             f"train.pack_relations={pack}", f"train.row_tokens={row_tokens}", "logging.wandb=false",
+                             "logging.progress=off", f"output.dir={out}", "prompt.template=[3,3,0]", *overrides])
+    phases = {"train steps": 0.0, "evaluation": 0.0}
+    Trainer._step = timed(phases, "train steps", Trainer._step)
+    Trainer.ranks = timed(phases, "evaluation", Trainer.ranks)
     start = time.perf_counter()
     payload = run_experiment(cfg, data_dir)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "relations": {r: {k: v.get(k) for k in ("test_p@1", "test_mrr", "dev_history", "n_train")}
-                                  for r, v in payload["relations"].items()}}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "phases": {**phases, "rest": seconds - sum(phases.values())},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "relations": {r: {k: v.get(k) for k in ("test_p@1", "test_mrr", "dev_history", "n_train")}
+                          for r, v in payload["relations"].items()}}
 
 
 def main() -> None:
@@ -40,32 +62,52 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("LAMA_DATA", "../shared/lama"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-train", type=int, default=64)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra config overrides for every variant")
+    parser.add_argument("--rows", default="shared,padded", help="shared (train.row_tokens=64), padded (0), or both")
     parser.add_argument("--pack", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--row-tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pack is not None:
-        print(json.dumps(child(args.model, args.data_dir, args.pack, args.out, args.epochs, args.max_train)))
+        print(json.dumps(child(args.model, args.data_dir, args.pack, args.row_tokens, args.out, args.epochs,
+                               args.max_train, args.set)))
         return
+    variants = {(order, f"{rows} rows"): (pack, 64 if rows == "shared" else 0) for rows in args.rows.split(",")
+                for order, pack in (("one after another", 1), ("packed", 0))}
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, pack in (("one after another", 1), ("packed", 0)):
-            proc = subprocess.run([sys.executable, __file__, "--pack", str(pack), "--out", f"{tmp}/{pack}",
-                                   "--model", args.model, "--data-dir", args.data_dir, "--epochs", str(args.epochs),
-                                   "--max-train", str(args.max_train)], capture_output=True, text=True, check=True)
-            runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    a, b = runs["one after another"], runs["packed"]
-    rel = a["relations"]
-    p1_gap = max(abs(rel[r]["test_p@1"] - b["relations"][r]["test_p@1"]) for r in rel)
-    mrr_gap = max(abs(rel[r]["test_mrr"] - b["relations"][r]["test_mrr"]) for r in rel)
-    dev_differs = [r for r in rel if rel[r]["dev_history"] != b["relations"][r]["dev_history"]]
-    facts = sum(r["n_train"] for r in a["relations"].values()) * args.epochs
-    print(f"{args.model}: 8 relations, {facts} training facts in all ({args.epochs} epochs), batch 8 per relation")
-    for name, r in runs.items():
-        print(f"  {name:18s} {r['seconds']:6.1f} s  ({facts / r['seconds']:.1f} train facts/s incl. dev/test "
-              f"evaluation)  peak RSS {r['peak_rss_mb']:.0f} MB")
-    print(f"packed speed-up = {a['seconds'] / b['seconds']:.2f}x")
-    print(f"agreement: largest test P@1 gap {100 * p1_gap:.2f} points, largest MRR gap {mrr_gap:.2e}, dev curves "
-          f"differing in {len(dev_differs)} of {len(rel)} relations {dev_differs}")
+        for key, (pack, row_tokens) in variants.items():
+            proc = subprocess.run([sys.executable, __file__, "--pack", str(pack), "--row-tokens", str(row_tokens),
+                                   "--out", f"{tmp}/{pack}-{row_tokens}", "--model", args.model, "--data-dir",
+                                   args.data_dir, "--epochs", str(args.epochs), "--max-train", str(args.max_train),
+                                   *(f"--set={o}" for o in args.set)],
+                                  capture_output=True, text=True, check=True)
+            runs[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+    first = runs["one after another", "shared rows"]
+    facts = sum(r["n_train"] for r in first["relations"].values()) * args.epochs
+    print(f"{args.model}: 8 relations, {facts} training facts in all ({args.epochs} epochs), batch 8 per relation, "
+          f"threads {torch.get_num_threads()}")
+    for (order, rows), r in runs.items():
+        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in r["phases"].items())
+        print(f"  {order:18s} {rows:12s} {r['seconds']:6.1f} s  ({phases})  peak RSS {r['peak_rss_mb']:.0f} MB")
+    rows_variants = [f"{rows} rows" for rows in args.rows.split(",")]
+    for rows in rows_variants:
+        a, b = runs["one after another", rows], runs["packed", rows]
+        print(f"packed speed-up, {rows}: whole sweep {a['seconds'] / b['seconds']:.2f}x, training steps "
+              f"{a['phases']['train steps'] / b['phases']['train steps']:.2f}x, evaluation "
+              f"{a['phases']['evaluation'] / b['phases']['evaluation']:.2f}x")
+    if len(rows_variants) == 2:
+        best, worst = runs["packed", "shared rows"]["seconds"], runs["one after another", "padded rows"]["seconds"]
+        print(f"shared rows against padded rows, packed: {runs['packed', 'padded rows']['seconds'] / best:.2f}x; "
+              f"both levers against neither: {worst / best:.2f}x")
+    for rows in rows_variants:
+        a, b = runs["one after another", rows]["relations"], runs["packed", rows]["relations"]
+        p1_gap = max(abs(a[r]["test_p@1"] - b[r]["test_p@1"]) for r in a)
+        mrr_gap = max(abs(a[r]["test_mrr"] - b[r]["test_mrr"]) for r in a)
+        differ = [r for r in a if a[r]["dev_history"] != b[r]["dev_history"]]
+        print(f"agreement, {rows}: largest test P@1 gap {100 * p1_gap:.2f} points, largest MRR gap {mrr_gap:.2e}, "
+              f"dev curves differing in {len(differ)} of {len(a)} relations {differ}")
 
 
 if __name__ == "__main__":

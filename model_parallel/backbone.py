@@ -20,6 +20,7 @@ from safetensors import safe_open
 from model_parallel.merge import INDEX, read_merged_spec
 from model_parallel.model import MegatronLM
 from model_parallel.release import N_PARTS, PART, ReleaseError, load_part, read_spec, split_dim
+from ptuning.backbone import Layout
 
 DEFAULT_TOKENIZER = "FacebookAI/roberta-large"  # GPT-2 BPE in fairseq dict.txt order: RoBERTa's ids
 
@@ -61,6 +62,7 @@ class MegatronBackbone:
     kind = "causal"
     trainable_lm = False  # 11B: prompts only
     head_splits = True
+    packs_rows = True  # our own module takes any layout
 
     def __init__(self, model: MegatronLM, tokenizer, tp_rank: int = 0, group: Any = None, bf16: bool = False):
         self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
@@ -85,12 +87,10 @@ class MegatronBackbone:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids)
 
-    def scores(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-               target_positions: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
+    def scores(self, inputs_embeds: torch.Tensor, layout: Layout) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self.model(inputs_embeds, attention_mask)
-            logits = self.model.logits(hidden[rows, target_positions])
+            hidden = self.model(inputs_embeds, layout.position, layout.allowed(causal=True))
+            logits = self.model.logits(hidden[layout.target_row, layout.target_col])
         return logits.float()
 
 

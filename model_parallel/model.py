@@ -134,17 +134,11 @@ class MegatronLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, hidden). Left padding is fine: positions count real tokens only."""
-        mask = attention_mask.long()
-        positions = torch.cumsum(mask, dim=1) * mask + self.spec.padding_idx  # fairseq's make_positions
-        x = self.embed_scale * inputs_embeds + self.positions_table[positions].to(inputs_embeds.dtype)
-        t = x.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        # causal and not a padding key; each position also sees itself, so padding rows never go empty
-        allowed = (causal[None] & attention_mask.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool,
-                                                                                device=x.device)[None]
-        allowed = allowed[:, None]  # broadcast over heads
+    def forward(self, inputs_embeds: torch.Tensor, position: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, hidden). position: each token's position inside its sequence (0-based;
+        fairseq's positions start after the padding index); allowed: (B, 1, T, T) which keys each query sees."""
+        x = self.embed_scale * inputs_embeds + self.positions_table[position + self.spec.padding_idx + 1].to(
+            inputs_embeds.dtype)
         for layer in self.layers:
             x = layer(x, allowed)
         return self.layer_norm(x)

@@ -1,19 +1,62 @@
 """The backbone seam: the trainer talks to a language model only through this interface.
 
-    embed(token_ids)                                       -> the frozen input embeddings
-    scores(inputs_embeds, attention_mask, target_positions) -> logits at the target positions only, (B, V)
+    embed(token_ids)                         -> the frozen input embeddings
+    scores(inputs_embeds, layout)            -> logits at each fact's prediction position only, (N, V)
+
+A Layout says where the facts sit in a (B, L) batch of token rows: which fact each token belongs to, its position
+inside that fact, and where each fact is scored. A row holds one fact (padded) or, when the backbone `packs_rows`,
+several facts back to back; attention never crosses from one fact to another and positions restart at each fact,
+so a fact scores the same wherever it sits.
 
 HFBackbone wraps any Hugging Face masked or causal LM. Only the target positions reach the LM head: the head is
 the model's modules other than its base model, applied to the gathered hidden states. That split is checked once
 against the model's own forward on a small input; a model whose head does not split that way (logit soft-capping,
-say) falls back to its full forward and a gather.
+say) falls back to its full forward and a gather. Packing facts into rows is checked the same way (packed against
+one fact per row); a model that fails the check, or whose attention takes no 4D mask, gets one fact per row.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
+
+
+@dataclass
+class Layout:
+    """Where the facts sit in a (B, L) batch of token rows."""
+    segment: torch.Tensor  # (B, L) which fact of its row each token belongs to (0, 1, ...); -1 for padding
+    position: torch.Tensor  # (B, L) the token's position inside its fact; 0 for padding
+    target_row: torch.Tensor  # (N,) the row of each fact's prediction position
+    target_col: torch.Tensor  # (N,) and its column
+
+    @classmethod
+    def padded(cls, mask: torch.Tensor, targets: torch.Tensor) -> "Layout":
+        """One fact per row from a 0/1 padding mask (left or right padding) and each row's target column."""
+        real = mask.long()
+        return cls(segment=real - 1, position=((real.cumsum(-1) - 1) * real).clamp(min=0),
+                   target_row=torch.arange(mask.shape[0], device=mask.device), target_col=targets)
+
+    @property
+    def packed(self) -> bool:
+        """Whether some row holds more than one fact."""
+        return bool((self.segment > 0).any())
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, L) 1 for real tokens, 0 for padding."""
+        return (self.segment >= 0).long()
+
+    def allowed(self, causal: bool) -> torch.Tensor:
+        """(B, 1, L, L) which keys each query may attend to: its own fact (and, if causal, not ahead). Every
+        position also sees itself, so padding rows never go empty."""
+        seg = self.segment
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+        length = seg.shape[1]
+        if causal:
+            allowed &= torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+        return (allowed | torch.eye(length, dtype=torch.bool, device=seg.device))[:, None]
 
 
 # Heads whose modules are registered in another order than they run.
@@ -27,11 +70,11 @@ class Backbone(Protocol):
     device: torch.device
     vocab_shard: object | None  # None: scores() gives all logits; else which slice this rank's logits are
     trainable_lm: bool
+    packs_rows: bool  # whether scores() takes layouts with several facts in a row
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
 
-    def scores(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-               target_positions: torch.Tensor) -> torch.Tensor: ...
+    def scores(self, inputs_embeds: torch.Tensor, layout: Layout) -> torch.Tensor: ...
 
 
 class HFBackbone:
@@ -51,8 +94,10 @@ class HFBackbone:
             [getattr(model, name) for name in order] if order else
             [m for m in model.children() if m is not self.base and not isinstance(m, nn.modules.loss._Loss)]
         ))
+        self.position_offset = self._position_offset()
         self.head_splits = self._check_head_split()
         self.vocab_size = self._vocab_size()
+        self.packs_rows = self._check_row_packing()
 
     # The frozen model: eval mode (no dropout) and no parameter gradients.
     def freeze(self) -> None:
@@ -72,40 +117,81 @@ class HFBackbone:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids)
 
-    def _forward_kwargs(self, attention_mask: torch.Tensor) -> dict:
-        kwargs = {"attention_mask": attention_mask}
+    def _forward_kwargs(self, layout: Layout) -> dict:
+        if layout.packed:
+            return {"attention_mask": self._mask_4d(layout.allowed(causal=self.kind == "causal")),
+                    "position_ids": layout.position + self.position_offset}
+        kwargs = {"attention_mask": layout.mask}
         if self.kind == "causal":
-            # Left padding shifts the real tokens; positions counted over real tokens make every row read as if
-            # it were unpadded.
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            # Left padding shifts the real tokens; positions counted inside the fact make every row read as if it
+            # were unpadded.
+            kwargs["position_ids"] = layout.position
         return kwargs
 
-    def scores(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-               target_positions: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
+    def _mask_4d(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A (B, 1, L, L) mask in the form the attention takes as is: boolean for SDPA, additive for eager."""
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                          torch.finfo(dtype).min)
+
+    def _position_offset(self) -> int:
+        """Learned positions with a padding index (RoBERTa's, from fairseq) count from just after it."""
+        table = getattr(getattr(self.base, "embeddings", None), "position_embeddings", None)
+        padding_idx = getattr(table, "padding_idx", None)
+        return 0 if padding_idx is None else padding_idx + 1
+
+    def scores(self, inputs_embeds: torch.Tensor, layout: Layout) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            kwargs = self._forward_kwargs(layout)
             if self.head_splits:
-                hidden = self.base(inputs_embeds=inputs_embeds, **self._forward_kwargs(attention_mask))[0]
-                logits = self.head(hidden[rows, target_positions])
+                hidden = self.base(inputs_embeds=inputs_embeds, **kwargs)[0]
+                logits = self.head(hidden[layout.target_row, layout.target_col])
             else:
-                logits = self.model(inputs_embeds=inputs_embeds, **self._forward_kwargs(attention_mask)).logits
-                logits = logits[rows, target_positions]
+                logits = self.model(inputs_embeds=inputs_embeds, **kwargs).logits
+                logits = logits[layout.target_row, layout.target_col]
         return logits.float()
+
+    def _test_ids(self, length: int, first: int) -> torch.Tensor:
+        top = self.model.get_input_embeddings().num_embeddings - 1
+        return torch.tensor([[min(first + i, top) for i in range(length)]], device=self.device)
 
     @torch.no_grad()
     def _check_head_split(self) -> bool:
-        ids = torch.tensor([[min(5 + i, self.model.get_input_embeddings().num_embeddings - 1) for i in range(6)]],
-                           device=self.device)
-        mask = torch.ones_like(ids)
+        ids = self._test_ids(6, 5)
+        layout = Layout.padded(torch.ones_like(ids), torch.tensor([0], device=self.device))
         try:
-            full = self.model(input_ids=ids, **self._forward_kwargs(mask)).logits
-            split = self.head(self.base(input_ids=ids, **self._forward_kwargs(mask))[0])
+            full = self.model(input_ids=ids, **self._forward_kwargs(layout)).logits
+            split = self.head(self.base(input_ids=ids, **self._forward_kwargs(layout))[0])
         except (TypeError, RuntimeError, AttributeError):
             return False
         return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
 
     @torch.no_grad()
+    def _check_row_packing(self) -> bool:
+        """Two facts back to back in one row score as each alone, at every position."""
+        if self.model.config._attn_implementation not in ("sdpa", "eager"):  # others take no 4D mask as is
+            return False
+        facts = [self._test_ids(4, 7), self._test_ids(5, 13)]
+
+        def every_position(segment: torch.Tensor, position: torch.Tensor) -> Layout:
+            n = segment.shape[1]
+            return Layout(segment, position, torch.zeros(n, dtype=torch.long, device=self.device),
+                          torch.arange(n, device=self.device))
+
+        alone = [self.scores(self.embed(ids), every_position(torch.zeros_like(ids), torch.arange(ids.shape[1],
+                                                             device=self.device)[None])) for ids in facts]
+        segment = torch.cat([torch.full_like(ids, k) for k, ids in enumerate(facts)], dim=1)
+        position = torch.cat([torch.arange(ids.shape[1], device=self.device)[None] for ids in facts], dim=1)
+        try:
+            packed = self.scores(self.embed(torch.cat(facts, dim=1)), every_position(segment, position))
+        except (TypeError, RuntimeError, ValueError, IndexError):
+            return False
+        return torch.allclose(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+    @torch.no_grad()
     def _vocab_size(self) -> int:
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
-        embeds = self.embed(ids)
-        return self.scores(embeds, torch.ones_like(ids), torch.tensor([1], device=self.device)).shape[-1]
+        layout = Layout.padded(torch.ones_like(ids), torch.tensor([1], device=self.device))
+        return self.scores(self.embed(ids), layout).shape[-1]

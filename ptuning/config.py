@@ -74,6 +74,9 @@ class TrainConfig:
     # A step's packed rows go through the LM in length-sorted chunks of at most this many rows (0: one padded
     # batch). Less padding; the same gradients (one backward over the summed chunk losses).
     bucket_rows: int = 64
+    # Facts share batch rows of up to this many tokens, back to back, attention kept inside each fact (when the
+    # backbone supports it; 0: one padded fact per row). Training and evaluation; results change only by rounding.
+    row_tokens: int = 64
     manual_baseline: bool = True  # also evaluate the manual prompt on test for each relation
 
 
@@ -212,6 +215,8 @@ def _check(config: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: parallel.tensor_parallel: must be 1, 2, 4 or 8")
     if config.train.bucket_rows < 0:
         raise ConfigError(f"{source}: train.bucket_rows: must be >= 0 (0 turns length buckets off)")
+    if config.train.row_tokens < 0:
+        raise ConfigError(f"{source}: train.row_tokens: must be >= 0 (0 puts one fact in each row)")
     if config.train.pack_relations < 0:
         raise ConfigError(f"{source}: train.pack_relations: must be >= 0 (0 packs all relations)")
 

@@ -28,7 +28,7 @@ FINAL = ("done", "manual_only", "evaluated")
 
 # Keys that do not change a relation's figures; a resumed folder may differ in them.
 NEUTRAL = {"model": {"device"}, "data": {"data_dir", "relations"},
-           "train": {"pack_relations", "bucket_rows", "eval_batch_size", "manual_baseline"}}
+           "train": {"pack_relations", "bucket_rows", "row_tokens", "eval_batch_size", "manual_baseline"}}
 IDENTITY_SECTIONS = ("model", "data", "prompt", "train", "deepspeed")
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ptuning.backbone import HFBackbone
+from ptuning.batching import Batch, collate, length_buckets
 from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.data import SPLITS
 from ptuning.encoders import PromptEncoder
@@ -30,57 +31,6 @@ from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_coun
 def relation_seed(seed: int, relation: str) -> int:
     """Each relation's own seed: the same whether it trains alone or packed with others."""
     return zlib.crc32(f"{seed}:{relation}".encode()) & 0x7FFFFFFF
-
-
-@dataclass
-class Batch:
-    ids: torch.Tensor  # (B, L)
-    pseudo: torch.Tensor  # (B, L) index into the packed table of prompt vectors, or -1
-    mask: torch.Tensor  # (B, L)
-    target: torch.Tensor  # (B,)
-    labels: torch.Tensor  # (B,)
-    owner: torch.Tensor  # (B,) which item of the pack the row belongs to
-
-
-def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int, side: str,
-            device: torch.device) -> Batch:
-    """Pad rows to one length; pseudo slots point into the concatenation of the items' prompt vectors."""
-    length = max(len(r.ids) for r in rows)
-    ids, pseudo, mask, target = [], [], [], []
-    for row, owner in zip(rows, owners):
-        pad = length - len(row.ids)
-        slots = [p + offsets[owner] if p >= 0 else -1 for p in row.pseudo]
-        if side == "left":
-            ids.append([pad_id] * pad + list(row.ids))
-            pseudo.append([-1] * pad + slots)
-            mask.append([0] * pad + [1] * len(row.ids))
-            target.append(row.target + pad)
-        else:
-            ids.append(list(row.ids) + [pad_id] * pad)
-            pseudo.append(slots + [-1] * pad)
-            mask.append([1] * len(row.ids) + [0] * pad)
-            target.append(row.target)
-
-    def tensor(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    return Batch(tensor(ids), tensor(pseudo), tensor(mask), tensor(target), tensor([r.label for r in rows]),
-                 tensor(owners))
-
-
-def length_buckets(vectors: list, rows: list[list[Row]], size: int):
-    """Split the rows of several relations into chunks of at most `size` rows of similar length (size 0: one
-    chunk). Yields (pack items for packed_logits, the (relation, row) each logits row belongs to)."""
-    flat = [(i, j, row) for i, rs in enumerate(rows) for j, row in enumerate(rs)]
-    if size:
-        flat.sort(key=lambda x: len(x[2].ids))
-    size = size or len(flat)
-    for start in range(0, len(flat), size):
-        by_owner: dict[int, list[tuple[int, Row]]] = {}
-        for i, j, row in flat[start:start + size]:
-            by_owner.setdefault(i, []).append((j, row))
-        chunk = [(vectors[i], [row for _, row in pairs]) for i, pairs in by_owner.items()]
-        yield chunk, [(i, j) for i, pairs in by_owner.items() for j, _ in pairs]  # packed_logits' row order
 
 
 class RelationRun:
@@ -207,14 +157,15 @@ class Trainer:
                 total += vectors.shape[0]
         rows = [row for _, rs in items for row in rs]
         owners = [i for i, (_, rs) in enumerate(items) for _ in rs]
-        batch = collate(rows, owners, offsets, self.backbone.pad_id, self.backbone.padding_side,
+        row_tokens = self.cfg.train.row_tokens if self.backbone.packs_rows else 0
+        batch = collate(rows, owners, offsets, self.backbone.pad_id, self.backbone.padding_side, row_tokens,
                         self.backbone.device)
         embeds = self.backbone.embed(batch.ids)
         if table:
             packed = torch.cat(table).to(embeds.dtype)
             slots = batch.pseudo.clamp(min=0)
             embeds = torch.where((batch.pseudo >= 0)[..., None], packed[slots], embeds)
-        return self.backbone.scores(embeds, batch.mask, batch.target), batch
+        return self.backbone.scores(embeds, batch.layout), batch
 
     @torch.no_grad()
     def ranks(self, items: list[tuple[PromptEncoder | None, list[Row]]]) -> list[torch.Tensor]:
@@ -266,7 +217,10 @@ class Trainer:
         if self.tune_lm and self.cfg.deepspeed is not None:
             run.engine, run.optimizer = self._deepspeed(encoder, groups)
         else:
-            run.optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.train.weight_decay)
+            # fused: one kernel per step instead of several ops per tensor (an LSTM encoder's step: 1.5 ms against
+            # 12.6 ms on a 2-core CPU); the same updates up to rounding
+            run.optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.train.weight_decay,
+                                             fused=self.backbone.device.type in ("cpu", "cuda"))
         return run
 
     def _deepspeed(self, encoder: PromptEncoder | None, groups: list[dict]):

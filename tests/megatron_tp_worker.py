@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.distributed import init_parallel
+from ptuning.backbone import Layout
 from ptuning.config import ModelConfig
 from ptuning.models import load_backbone
 
@@ -17,10 +18,13 @@ torch.manual_seed(0)
 ids = torch.randint(4, 400, (3, 7))
 mask = torch.ones_like(ids)
 mask[1, :2] = 0  # a left-padded row
-mask[2, :4] = 0
+layout = Layout.padded(mask, torch.tensor([6, 6, 6]))
+layout.segment[2] = torch.tensor([0, 0, 0, 1, 1, 1, 1])  # a row shared by two facts, scored at both ends
+layout.position[2] = torch.tensor([0, 1, 2, 0, 1, 2, 3])
+layout.target_row, layout.target_col = torch.tensor([0, 1, 2, 2]), torch.tensor([6, 6, 2, 6])
 embeds = backbone.embed(ids).detach().requires_grad_(True)
-logits = backbone.scores(embeds, mask, torch.tensor([6, 6, 6]))
-weights = torch.randn(3, backbone.vocab_size)
+logits = backbone.scores(embeds, layout)
+weights = torch.randn(4, backbone.vocab_size)
 shard = backbone.vocab_shard
 local = weights if shard is None else weights[:, shard.start:shard.end]
 (logits * local).sum().backward()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from model_parallel.merge import merge
 from model_parallel.release import N_PARTS, PART, ReleaseError, read_spec, split_dim
+from ptuning.backbone import Layout
 from ptuning.config import ModelConfig
 from ptuning.models import ModelError, load_backbone
 from ptuning.results import load_tensors
@@ -130,10 +131,17 @@ def test_merged_model_matches_the_plain_reference_with_and_without_padding(relea
     padded = torch.cat([torch.full((3,), backbone.pad_id), ids])[None]
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        alone = backbone.scores(backbone.embed(ids[None]), torch.ones(1, 5, dtype=torch.long), torch.tensor([4]))
-        left = backbone.scores(backbone.embed(padded), mask, torch.tensor([7]))
+        alone = backbone.scores(backbone.embed(ids[None]), Layout.padded(torch.ones(1, 5), torch.tensor([4])))
+        left = backbone.scores(backbone.embed(padded), Layout.padded(mask, torch.tensor([7])))
+        # the same sequence behind another one in a shared row: attention and positions restart at it
+        other = torch.randint(4, 400, (4,))
+        shared = Layout(segment=torch.tensor([[0] * 4 + [1] * 5]), position=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]),
+                        target_row=torch.tensor([0]), target_col=torch.tensor([8]))
+        behind = backbone.scores(backbone.embed(torch.cat([other, ids])[None]), shared)
+    assert backbone.packs_rows
     assert torch.allclose(alone[0], expected, atol=1e-4)
     assert torch.allclose(left[0], expected, atol=1e-4)
+    assert torch.allclose(behind[0], expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
@@ -144,7 +152,7 @@ def test_tensor_parallel_logits_and_input_gradients_equal_the_merged_model(tp, r
     torchrun(1, worker, str(merged), str(tokenizer), str(tmp_path / "tp1.pt"))
     torchrun(tp, worker, str(source), str(tokenizer), str(tmp_path / f"tp{tp}.pt"))
     one, many = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / f"tp{tp}.pt")
-    assert many["logits"].shape == one["logits"].shape == (3, 512)
+    assert many["logits"].shape == one["logits"].shape == (4, 512)
     assert torch.allclose(many["logits"], one["logits"], atol=1e-5)
     # gradients reach |g| ~ 70 here (a sum over 512 logits): equal up to float32 rounding at that scale
     scale = one["grad"].abs().max()
