@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import time
 import torch
 
 
-def setup(relation: str, data_dir: str, batch: int):
+def setup(relation: str, data_dir: str, batch: int, seed: int):
     from ptuning.config import load_config
     from ptuning.data import find_layout, read_relation_infos
     from ptuning.models import load_backbone
@@ -30,7 +31,7 @@ def setup(relation: str, data_dir: str, batch: int):
     from ptuning.vocab import build_answer_vocab
 
     cfg = load_config(None, ["train.lr=1e-3", f"train.batch_size={batch}", "prompt.template=[3,3,0]",
-                             "data.max_dev=200"])
+                             "data.max_dev=200", f"train.seed={seed}"])
     backbone = load_backbone(cfg.model)
     layout = find_layout(data_dir)
     vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
@@ -50,40 +51,41 @@ def timed_steps(plan: list[list[int]], step) -> float:
     return time.perf_counter() - start
 
 
-def batches(n_train: int, batch: int, steps: int) -> list[list[int]]:
+def batches(n_train: int, batch: int, steps: int, seed: int) -> list[list[int]]:
     """The same example order for both variants: seeded shuffles, epoch after epoch."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < steps * batch:
         order += torch.randperm(n_train, generator=generator).tolist()
     return [order[i * batch:(i + 1) * batch] for i in range(steps)]
 
 
-def run_ours(relation: str, data_dir: str, batch: int, steps: int) -> dict:
-    cfg, backbone, vocab, task, trainer = setup(relation, data_dir, batch)
+def run_ours(relation: str, data_dir: str, batch: int, steps: int, seed: int) -> dict:
+    cfg, backbone, vocab, task, trainer = setup(relation, data_dir, batch, seed)
     run = trainer._new_run(task)
     def step(picked: list[int]) -> None:
         run.order, run.cursor = picked, 0
         trainer._step([run])
 
-    seconds = timed_steps(batches(len(run.rows["train"]), batch, steps), step)
-    dev = trainer.evaluate([(run.encoder, run.rows["dev"])])[0]
-    return {"seconds": seconds, "dev_p@1": dev["p@1"], "n_dev": dev["n"]}
+    seconds = timed_steps(batches(len(run.rows["train"]), batch, steps, seed), step)
+    dev, test = trainer.evaluate([(run.encoder, run.rows["dev"]), (run.encoder, run.rows["test"])])
+    return {"seconds": seconds, "dev_p@1": dev["p@1"], "n_dev": dev["n"], "test_p@1": test["p@1"], "n_test": test["n"]}
 
 
-def run_peft(relation: str, data_dir: str, batch: int, steps: int) -> dict:
+def run_peft(relation: str, data_dir: str, batch: int, steps: int, seed: int) -> dict:
     from peft import PromptEncoderConfig, TaskType, get_peft_model
 
     from ptuning.metrics import restricted_ranks, summarize_ranks
     from ptuning.vocab import encode_in_context
 
-    cfg, backbone, vocab, task, _ = setup(relation, data_dir, batch)
+    cfg, backbone, vocab, task, _ = setup(relation, data_dir, batch, seed)
     tokenizer = backbone.tokenizer
+    torch.manual_seed(seed)  # PEFT's prompt encoder initialisation
     model = get_peft_model(backbone.model, PromptEncoderConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6, encoder_hidden_size=backbone.hidden_size,
         encoder_reparameterization_type="LSTM"))
     model.base_model.eval()  # the frozen LM without dropout, as ours
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, fused=True,
                                  weight_decay=cfg.train.weight_decay)
     train = task.splits["train"]
     subjects = encode_in_context(tokenizer, [e.subject for e in train])
@@ -110,20 +112,23 @@ def run_peft(relation: str, data_dir: str, batch: int, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed_steps(batches(len(train), batch, steps), step)
-    dev = task.splits["dev"]
-    dev_ids = encode_in_context(tokenizer, [e.subject for e in dev])
-    ranks = []
-    with torch.no_grad():
-        for s in range(0, len(dev), 64):
-            chunk = dev_ids[s:s + 64]
-            inputs = collate(chunk, None)
-            logits = model(**inputs).logits
-            last = torch.tensor([6 + len(r) - 1 for r in chunk])  # 6 virtual tokens come first
-            picked = logits[torch.arange(len(chunk)), last]
-            ranks.append(restricted_ranks(picked, torch.tensor([e.label for e in dev[s:s + 64]]), vocab.allowed))
-    m = summarize_ranks(torch.cat(ranks))
-    return {"seconds": seconds, "dev_p@1": m["p@1"], "n_dev": m["n"]}
+    seconds = timed_steps(batches(len(train), batch, steps, seed), step)
+
+    def p_at_1(facts) -> dict:
+        ids = encode_in_context(tokenizer, [e.subject for e in facts])
+        ranks = []
+        with torch.no_grad():
+            for s in range(0, len(facts), 64):
+                chunk = ids[s:s + 64]
+                logits = model(**collate(chunk, None)).logits
+                last = torch.tensor([6 + len(r) - 1 for r in chunk])  # 6 virtual tokens come first
+                picked = logits[torch.arange(len(chunk)), last]
+                ranks.append(restricted_ranks(picked, torch.tensor([e.label for e in facts[s:s + 64]]),
+                                              vocab.allowed))
+        return summarize_ranks(torch.cat(ranks))
+
+    dev, test = p_at_1(task.splits["dev"]), p_at_1(task.splits["test"])
+    return {"seconds": seconds, "dev_p@1": dev["p@1"], "n_dev": dev["n"], "test_p@1": test["p@1"], "n_test": test["n"]}
 
 
 def main() -> None:
@@ -132,29 +137,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--data-dir", default=os.environ.get("LAMA_DATA", "../shared/lama"))
+    parser.add_argument("--seeds", type=int, default=3, help="runs per variant (seeds 0..N-1: order and init)")
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("ours", "peft"), help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
     if args.variant:
         fn = run_ours if args.variant == "ours" else run_peft
-        result = fn(args.relation, args.data_dir, args.batch, args.steps)
+        result = fn(args.relation, args.data_dir, args.batch, args.steps, args.seed)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
-    results = {}
-    for variant in ("ours", "peft"):
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--relation", args.relation,
-                               "--steps", str(args.steps), "--batch", str(args.batch), "--data-dir", args.data_dir],
-                              capture_output=True, text=True, check=True)
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {"ours": [], "peft": []}
+    for seed in range(args.seeds):
+        for variant in results:
+            proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--seed", str(seed), "--relation",
+                                   args.relation, "--steps", str(args.steps), "--batch", str(args.batch),
+                                   "--data-dir", args.data_dir], capture_output=True, text=True, check=True)
+            results[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     facts = (args.steps - WARMUP) * args.batch
+    first = results["ours"][0]
     print(f"SmolLM2-135M, relation {args.relation}, {args.steps} steps x batch {args.batch}, 6 virtual tokens, "
-          f"Adam lr 1e-3, threads {torch.get_num_threads()}")
-    for name, r in results.items():
-        print(f"  {name:5s} {facts / r['seconds']:6.1f} train facts/s   dev P@1 {r['dev_p@1']:.3f} "
-              f"({r['n_dev']} facts)   peak RSS {r['peak_rss_mb']:.0f} MB")
-    speed = (facts / results["ours"]["seconds"]) / (facts / results["peft"]["seconds"])
-    print(f"ours / PEFT training throughput = {speed:.2f}x; dev P@1 {results['ours']['dev_p@1']:.3f} vs "
-          f"{results['peft']['dev_p@1']:.3f}")
+          f"Adam lr 1e-3, {args.seeds} seeds, dev {first['n_dev']} / test {first['n_test']} facts, "
+          f"threads {torch.get_num_threads()}")
+    mean = {}
+    for name, runs in results.items():
+        mean[name] = {k: statistics.mean(r[k] for r in runs) for k in ("dev_p@1", "test_p@1")}
+        mean[name]["facts/s"] = statistics.mean(facts / r["seconds"] for r in runs)
+        seeds = ", ".join(f"{r['dev_p@1']:.3f}/{r['test_p@1']:.3f}" for r in runs)
+        print(f"  {name:5s} {mean[name]['facts/s']:6.1f} train facts/s   dev P@1 {mean[name]['dev_p@1']:.3f}   "
+              f"test P@1 {mean[name]['test_p@1']:.3f}   (dev/test by seed: {seeds})   peak RSS "
+              f"{max(r['peak_rss_mb'] for r in runs):.0f} MB")
+    print(f"ours / PEFT training throughput = {mean['ours']['facts/s'] / mean['peft']['facts/s']:.2f}x; mean dev P@1 "
+          f"{mean['ours']['dev_p@1']:.3f} vs {mean['peft']['dev_p@1']:.3f}, test P@1 {mean['ours']['test_p@1']:.3f} vs "
+          f"{mean['peft']['test_p@1']:.3f}")
 
 
 if __name__ == "__main__":
