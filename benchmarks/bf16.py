@@ -15,13 +15,9 @@ from pathlib import Path
 
 import torch
 
+from common import trainer_and_tasks
 from ptuning.config import config_from_dict
-from ptuning.data import find_layout, read_relation_infos
-from ptuning.models import load_backbone
 from ptuning.store import RunStore
-from ptuning.tasks import prepare_task, read_relation
-from ptuning.trainer import Trainer
-from ptuning.vocab import build_answer_vocab, default_vocab_key
 
 RELATIONS = "P1376,P36,P37,P103,P176,P138,P178,P463"
 
@@ -34,14 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     store = RunStore(args.run)
     cfg = config_from_dict(json.loads((Path(args.run) / "run_config.json").read_text()), f"{args.run}/run_config.json")
-    backbone = load_backbone(cfg.model)
-    layout = find_layout(args.data_dir)
-    infos = read_relation_infos(layout)
-    vocab_key = cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
-    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab, layout, vocab_key)
     relations = args.relations.split(",")
-    tasks = [prepare_task(infos[r], read_relation(layout, r), vocab, cfg.data) for r in relations]
-    trainer = Trainer(backbone, cfg, vocab.allowed)
+    trainer, tasks = trainer_and_tasks(cfg, args.data_dir, relations)
+    backbone = trainer.backbone
     prompts, manual = [], []
     for task in tasks:
         subjects, labels = [e.subject for e in task.splits["test"]], [e.label for e in task.splits["test"]]

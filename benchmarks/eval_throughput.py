@@ -14,12 +14,9 @@ import time
 
 import torch
 
+from common import trainer_and_tasks
 from ptuning.config import load_config
-from ptuning.data import find_layout, read_relation_infos, select_relations
-from ptuning.models import load_backbone
-from ptuning.tasks import prepare_task, read_relation
-from ptuning.trainer import Trainer
-from ptuning.vocab import build_answer_vocab
+from ptuning.data import find_layout, select_relations
 
 
 def main() -> None:
@@ -31,14 +28,9 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(None, [f"model.name={args.model}", f"train.eval_batch_size={args.batch}",
                              "prompt.template=[3,3,0]"])
-    backbone = load_backbone(cfg.model)
-    layout = find_layout(args.data_dir)
-    infos = read_relation_infos(layout)
-    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
-    ids = select_relations(layout, args.relations.split(",") if args.relations else None)
-    tasks = [t for t in (prepare_task(infos[r], read_relation(layout, r), vocab, cfg.data) for r in ids)
-             if t.skip_reason is None]
-    trainer = Trainer(backbone, cfg, vocab.allowed)
+    ids = select_relations(find_layout(args.data_dir), args.relations.split(",") if args.relations else None)
+    trainer, tasks = trainer_and_tasks(cfg, args.data_dir, ids)
+    tasks = [t for t in tasks if t.skip_reason is None]
     n = sum(len(t.splits["test"]) for t in tasks)
     ptuning_items = []
     for t in tasks:

@@ -59,22 +59,12 @@ def child(model: str, data_dir: str, relations: str, pack: int, row_tokens: int,
 def first_step_gradients(model: str, data_dir: str, row_tokens: int) -> float:
     """The first step's encoder gradients, packed against each relation alone on the same micro-batch: the
     largest difference relative to each gradient's scale (float rounding only, if packing is exact)."""
+    from common import trainer_and_tasks
     from ptuning.config import load_config
-    from ptuning.data import find_layout, read_relation_infos
-    from ptuning.models import load_backbone
-    from ptuning.tasks import prepare_task, read_relation
-    from ptuning.trainer import Trainer
-    from ptuning.vocab import build_answer_vocab, default_vocab_key
 
     cfg = load_config(None, [f"model.name={model}", "prompt.template=[3,3,0]", f"train.row_tokens={row_tokens}"])
-    backbone = load_backbone(cfg.model)
-    layout = find_layout(data_dir)
-    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout,
-                               default_vocab_key(model))
-    infos = read_relation_infos(layout)
-    trainer = Trainer(backbone, cfg, vocab.allowed)
-    runs = [trainer._new_run(prepare_task(infos[r], read_relation(layout, r), vocab, cfg.data))
-            for r in RELATIONS.split(",")]
+    trainer, tasks = trainer_and_tasks(cfg, data_dir, RELATIONS.split(","))
+    runs = [trainer._new_run(task) for task in tasks]
 
     def gradients(group) -> list[torch.Tensor]:
         for run in group:

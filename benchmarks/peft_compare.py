@@ -23,20 +23,13 @@ import torch
 
 
 def setup(relation: str, data_dir: str, batch: int, seed: int):
+    from common import trainer_and_tasks
     from ptuning.config import load_config
-    from ptuning.data import find_layout, read_relation_infos
-    from ptuning.models import load_backbone
-    from ptuning.tasks import prepare_task, read_relation
-    from ptuning.trainer import Trainer
-    from ptuning.vocab import build_answer_vocab
 
     cfg = load_config(None, ["train.lr=1e-3", f"train.batch_size={batch}", "prompt.template=[3,3,0]",
                              "data.max_dev=200", f"train.seed={seed}"])
-    backbone = load_backbone(cfg.model)
-    layout = find_layout(data_dir)
-    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
-    task = prepare_task(read_relation_infos(layout)[relation], read_relation(layout, relation), vocab, cfg.data)
-    return cfg, backbone, vocab, task, Trainer(backbone, cfg, vocab.allowed)
+    trainer, (task,) = trainer_and_tasks(cfg, data_dir, [relation])
+    return trainer, task
 
 
 WARMUP = 3  # steps run but not timed (first-call allocations), the same for both variants
@@ -61,7 +54,7 @@ def batches(n_train: int, batch: int, steps: int, seed: int) -> list[list[int]]:
 
 
 def run_ours(relation: str, data_dir: str, batch: int, steps: int, seed: int) -> dict:
-    cfg, backbone, vocab, task, trainer = setup(relation, data_dir, batch, seed)
+    trainer, task = setup(relation, data_dir, batch, seed)
     run = trainer._new_run(task)
     def step(picked: list[int]) -> None:
         run.order, run.cursor = picked, 0
@@ -78,7 +71,8 @@ def run_peft(relation: str, data_dir: str, batch: int, steps: int, seed: int) ->
     from ptuning.metrics import restricted_ranks, summarize_ranks
     from ptuning.vocab import encode_in_context
 
-    cfg, backbone, vocab, task, _ = setup(relation, data_dir, batch, seed)
+    trainer, task = setup(relation, data_dir, batch, seed)
+    cfg, backbone = trainer.cfg, trainer.backbone
     tokenizer = backbone.tokenizer
     torch.manual_seed(seed)  # PEFT's prompt encoder initialisation
     model = get_peft_model(backbone.model, PromptEncoderConfig(
@@ -124,7 +118,7 @@ def run_peft(relation: str, data_dir: str, batch: int, steps: int, seed: int) ->
                 last = torch.tensor([6 + len(r) - 1 for r in chunk])  # 6 virtual tokens come first
                 picked = logits[torch.arange(len(chunk)), last]
                 ranks.append(restricted_ranks(picked, torch.tensor([e.label for e in facts[s:s + 64]]),
-                                              vocab.allowed))
+                                              trainer.allowed))
         return summarize_ranks(torch.cat(ranks))
 
     dev, test = p_at_1(task.splits["dev"]), p_at_1(task.splits["test"])

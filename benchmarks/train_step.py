@@ -16,19 +16,28 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import trainer_and_tasks
 from ptuning.batching import collate
 from ptuning.config import load_config
-from ptuning.data import find_layout, read_relation_infos, resolve_data_dir
-from ptuning.models import load_backbone
-from ptuning.tasks import prepare_task, read_relation
-from ptuning.trainer import Trainer
-from ptuning.vocab import build_answer_vocab
+from ptuning.data import resolve_data_dir
 
 
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def with_setting(fn, owner: object, name: str, value):
+    """fn run with owner.name set to value, restored afterwards."""
+    def call() -> None:
+        default = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            fn()
+        finally:
+            setattr(owner, name, default)
+    return call
 
 
 def main() -> None:
@@ -45,12 +54,8 @@ def main() -> None:
 
     cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}",
                              f"train.eval_batch_size={args.batch}", "prompt.template=[3,3,0]"])
-    backbone = load_backbone(cfg.model)
-    layout = find_layout(resolve_data_dir(args.data_dir, None))
-    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
-    task = prepare_task(read_relation_infos(layout)[args.relation], read_relation(layout, args.relation), vocab,
-                        cfg.data)
-    trainer = Trainer(backbone, cfg, vocab.allowed)
+    trainer, (task,) = trainer_and_tasks(cfg, resolve_data_dir(args.data_dir, None), [args.relation])
+    backbone = trainer.backbone
     run = trainer._new_run(task)
     rows = run.rows["train"][: args.batch]
 
@@ -65,16 +70,6 @@ def main() -> None:
         trainer._step([run])
         run.cursor = 0  # stay on the same batch
 
-    def with_row_tokens(fn, row_tokens: int):
-        """The same call with facts laid out one per padded row (row_tokens 0), as the raw baselines are."""
-        def call() -> None:
-            default, trainer.cfg.train.row_tokens = trainer.cfg.train.row_tokens, row_tokens
-            try:
-                fn()
-            finally:
-                trainer.cfg.train.row_tokens = default
-        return call
-
     def raw_forward_backward() -> None:
         embeds = fixed.clone().requires_grad_(True)
         logits = backbone.model(inputs_embeds=embeds, **kwargs).logits[positions, targets]
@@ -87,20 +82,12 @@ def main() -> None:
         with torch.no_grad():
             backbone.model(inputs_embeds=fixed, **kwargs).logits
 
-    def with_bf16(fn):
-        """The bf16-autocast lever (model.bf16): the same call with autocast on."""
-        def call() -> None:
-            backbone.bf16 = True
-            try:
-                fn()
-            finally:
-                backbone.bf16 = False
-        return call
-
-    variants = {"ptuning_step": ptuning_step, "ptuning_step_padded": with_row_tokens(ptuning_step, 0),
+    padded = (trainer.cfg.train, "row_tokens", 0)  # one fact per padded row, as the raw baselines
+    bf16 = (backbone, "bf16", True)  # the bf16-autocast lever (model.bf16)
+    variants = {"ptuning_step": ptuning_step, "ptuning_step_padded": with_setting(ptuning_step, *padded),
                 "raw_fwd_bwd": raw_forward_backward, "our_eval": ours_eval,
-                "our_eval_padded": with_row_tokens(ours_eval, 0), "raw_forward": raw_forward,
-                "ptuning_step_bf16": with_bf16(ptuning_step), "our_eval_bf16": with_bf16(ours_eval)}
+                "our_eval_padded": with_setting(ours_eval, *padded), "raw_forward": raw_forward,
+                "ptuning_step_bf16": with_setting(ptuning_step, *bf16), "our_eval_bf16": with_setting(ours_eval, *bf16)}
     for fn in variants.values():
         for _ in range(3):
             fn()

@@ -24,7 +24,6 @@ class Batch:
     pseudo: torch.Tensor  # (B, L) index into the concatenated prompt vectors of the batch's relations, or -1
     layout: Layout  # where each of the N facts sits
     labels: torch.Tensor  # (N,) each fact's object id
-    owner: torch.Tensor  # (N,) which item of the pack each fact belongs to
 
 
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:
@@ -61,8 +60,8 @@ def fill_rows(lengths: list[int], max_width: int) -> list[list[int]]:
 def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int, side: str, row_tokens: int,
             device: torch.device) -> Batch:
     """Lay the facts out in batch rows (shared rows of `row_tokens`, or one per row when 0) padded on `side`;
-    pseudo slots point into the concatenation of the items' prompt vectors. Facts keep their input order in
-    labels, owner and the layout's targets."""
+    pseudo slots point into the concatenation of the items' prompt vectors (owners[i]: fact i's item). Facts
+    keep their input order in labels and the layout's targets."""
     groups = fill_rows([len(r.ids) for r in rows], row_tokens)
     width = max(sum(len(rows[i].ids) for i in group) for group in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
@@ -83,8 +82,7 @@ def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int,
             col += n
     layout = Layout(segment.to(device), position.to(device), target_row.to(device), target_col.to(device))
     return Batch(ids.to(device), pseudo.to(device), layout,
-                 torch.tensor([r.label for r in rows], dtype=torch.long, device=device),
-                 torch.tensor(owners, dtype=torch.long, device=device))
+                 torch.tensor([r.label for r in rows], dtype=torch.long, device=device))
 
 
 def length_buckets(vectors: list, rows: list[list[Row]], size: int) -> Iterator[tuple[list, list[tuple[int, int]]]]:

@@ -13,16 +13,15 @@ from typing import Any
 
 from ptuning.config import ExperimentConfig
 from ptuning.coordinator import Coordinator
-from ptuning.data import DataError, find_layout, read_relation_infos, select_relations
+from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, select_relations
 from ptuning.models import load_backbone
 from ptuning.parallel import ParallelContext, balance
 from ptuning.progress import Progress
 from ptuning.store import RunStore
 from ptuning.tasks import RelationTask, prepare_task, read_relation
 from ptuning.trainer import RelationOutcome, RelationRun, Trainer
-from ptuning.vocab import build_answer_vocab, default_vocab_key
+from ptuning.vocab import AnswerVocab, build_answer_vocab, default_vocab_key
 from ptuning.wandb_log import WandbLogger
-
 
 
 class RelationFailure(RuntimeError):
@@ -45,10 +44,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     if ctx.device is not None:
         cfg.model.device = str(ctx.device)
     backbone = load_backbone(cfg.model, ctx)
-    vocab_key = cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
+    vocab, vocab_key = answer_vocab(cfg, backbone, layout)
     mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
-    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,
-                               layout if cfg.data.vocab != "original" else None, vocab_key)
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
     ready = [t for t in tasks if t.skip_reason is None]
     groups = balance({t.id: len(t.splits["train"]) for t in ready}, ctx.n_groups)
@@ -83,6 +80,15 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     payload = coordinator.finish()
     progress.close()
     return payload
+
+
+def answer_vocab(cfg: ExperimentConfig, backbone, layout: LamaLayout) -> tuple[AnswerVocab, str]:
+    """The configured answer vocabulary in the backbone's tokenizer, and the vocab file's word list it came from
+    (data.vocab_key, or the one that fits the model family)."""
+    vocab_key = cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
+    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,
+                               layout if cfg.data.vocab != "original" else None, vocab_key)
+    return vocab, vocab_key
 
 
 def _base_fields(task: RelationTask) -> dict[str, Any]:

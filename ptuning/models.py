@@ -133,8 +133,9 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
 
         if is_release(folder) or is_merged(folder):
             try:
-                return load_megatron(folder, TOKENIZERS.get(cfg.tokenizer, cfg.tokenizer), parallel.tp_size, parallel.tp_rank, parallel.tp_group,
-                                     DTYPES[cfg.dtype], resolve_device(cfg.device), cfg.bf16)
+                return load_megatron(folder, TOKENIZERS.get(cfg.tokenizer, cfg.tokenizer), parallel.tp_size,
+                                     parallel.tp_rank, parallel.tp_group, DTYPES[cfg.dtype],
+                                     resolve_device(cfg.device), cfg.bf16)
             except (ReleaseError, OSError) as error:
                 raise ModelError(f"model.name: {error}") from None
     if parallel.tp_size > 1:

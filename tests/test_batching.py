@@ -35,7 +35,7 @@ def test_collate_places_each_fact_and_keeps_the_input_order():
     assert batch.pseudo.tolist()[0] == [2, -1, 3, -1, -1]  # relation 1's slots start at offset 2
     for i, r in enumerate(rows):  # each fact's target token is where its row says
         assert batch.ids[batch.layout.target_row[i], batch.layout.target_col[i]] == r.ids[r.target]
-    assert batch.labels.tolist() == [7, 8, 9] and batch.owner.tolist() == [0, 1, 1]
+    assert batch.labels.tolist() == [7, 8, 9]
     assert batch.layout.packed
 
 
