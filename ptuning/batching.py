@@ -24,6 +24,16 @@ class Batch:
     pseudo: torch.Tensor  # (B, L) index into the concatenated prompt vectors of the batch's relations, or -1
     layout: Layout  # where each of the N facts sits
     labels: torch.Tensor  # (N,) each fact's object id
+    weights: torch.Tensor | None = None  # (N,) each fact's weight in the loss, when given
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Tensors built on the CPU, moved in ONE pinned, non-blocking copy: on a GPU a batch costs one transfer and
+    no host sync (a plain copy from pageable memory waits for the GPU's queue to drain)."""
+    if device.type == "cpu":
+        return tensors
+    flat = torch.cat([t.flatten() for t in tensors]).pin_memory().to(device, non_blocking=True)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def first_fit(lengths: list[int], width: int) -> list[list[int]]:
@@ -58,10 +68,10 @@ def fill_rows(lengths: list[int], max_width: int) -> list[list[int]]:
 
 
 def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int, side: str, row_tokens: int,
-            device: torch.device) -> Batch:
+            device: torch.device, weights: list[float] | None = None) -> Batch:
     """Lay the facts out in batch rows (shared rows of `row_tokens`, or one per row when 0) padded on `side`;
     pseudo slots point into the concatenation of the items' prompt vectors (owners[i]: fact i's item). Facts
-    keep their input order in labels and the layout's targets."""
+    keep their input order in labels and the layout's targets. Built on the CPU, then moved at once."""
     groups = fill_rows([len(r.ids) for r in rows], row_tokens)
     width = max(sum(len(rows[i].ids) for i in group) for group in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
@@ -80,9 +90,12 @@ def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int,
             position[b, col:col + n] = torch.arange(n)
             target_row[i], target_col[i] = b, col + row.target
             col += n
-    layout = Layout(segment.to(device), position.to(device), target_row.to(device), target_col.to(device))
-    return Batch(ids.to(device), pseudo.to(device), layout,
-                 torch.tensor([r.label for r in rows], dtype=torch.long, device=device))
+    labels = torch.tensor([r.label for r in rows], dtype=torch.long)
+    ids, pseudo, segment, position, target_row, target_col, labels = to_device(
+        [ids, pseudo, segment, position, target_row, target_col, labels], device)
+    layout = Layout(segment, position, target_row, target_col, packed=any(len(g) > 1 for g in groups))
+    weight = None if weights is None else to_device([torch.tensor(weights, dtype=torch.float32)], device)[0]
+    return Batch(ids, pseudo, layout, labels, weight)
 
 
 def length_buckets(vectors: list, rows: list[list[Row]], size: int) -> Iterator[tuple[list, list[tuple[int, int]]]]:

@@ -11,9 +11,9 @@ from ptuning.models import load_backbone
 def test_scores_equal_the_full_forward_at_the_targets(fixture, request):
     backbone = load_backbone(ModelConfig(name=str(request.getfixturevalue(fixture))))
     assert backbone.head_splits and backbone.vocab_size == backbone.model.config.vocab_size
-    ids = torch.randint(5, 200, (3, 9))
+    ids = torch.randint(5, 200, (3, 9)).to(backbone.device)  # where load_backbone put the model (a GPU host: cuda)
     mask = torch.ones_like(ids)
-    targets = torch.tensor([8, 4, 0])
+    targets = torch.tensor([8, 4, 0], device=backbone.device)
     with torch.no_grad():
         full = backbone.model(input_ids=ids, attention_mask=mask).logits[torch.arange(3), targets]
         ours = backbone.scores(backbone.embed(ids), Layout.padded(mask, targets))
@@ -23,23 +23,25 @@ def test_scores_equal_the_full_forward_at_the_targets(fixture, request):
 def test_causal_left_padding_reads_as_unpadded(tiny_gpt2):
     """Left padding plus positions counted over real tokens: the last position's logits do not move."""
     backbone = load_backbone(ModelConfig(name=str(tiny_gpt2)))
-    ids = torch.randint(5, 200, (1, 6))
+    ids = torch.randint(5, 200, (1, 6)).to(backbone.device)
     with torch.no_grad():
         alone = backbone.model(input_ids=ids).logits[0, -1]  # the next-token logits; no label shifting involved
-        padded = torch.cat([torch.full((1, 4), backbone.pad_id), ids], 1)
-        mask = torch.tensor([[0] * 4 + [1] * 6])
-        ours = backbone.scores(backbone.embed(padded), Layout.padded(mask, torch.tensor([9])))[0]
+        padded = torch.cat([torch.full((1, 4), backbone.pad_id, device=backbone.device), ids], 1)
+        mask = torch.tensor([[0] * 4 + [1] * 6], device=backbone.device)
+        ours = backbone.scores(backbone.embed(padded),
+                               Layout.padded(mask, torch.tensor([9], device=backbone.device)))[0]
     assert torch.allclose(ours, alone, atol=1e-5)
 
 
 def test_masked_right_padding_changes_nothing(tiny_bert):
     backbone = load_backbone(ModelConfig(name=str(tiny_bert)))
-    ids = torch.randint(5, 200, (1, 6))
+    ids = torch.randint(5, 200, (1, 6)).to(backbone.device)
+    target = torch.tensor([3], device=backbone.device)
     with torch.no_grad():
-        alone = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids), torch.tensor([3])))
-        padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
-        mask = torch.tensor([[1] * 6 + [0] * 5])
-        ours = backbone.scores(backbone.embed(padded), Layout.padded(mask, torch.tensor([3])))
+        alone = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids), target))
+        padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long, device=backbone.device)], 1)
+        mask = torch.tensor([[1] * 6 + [0] * 5], device=backbone.device)
+        ours = backbone.scores(backbone.embed(padded), Layout.padded(mask, target))
     assert torch.allclose(ours, alone, atol=1e-5)
 
 
@@ -47,18 +49,21 @@ def test_masked_right_padding_changes_nothing(tiny_bert):
 def test_frozen_model_passes_gradients_to_the_inputs_only(fixture, request):
     backbone = load_backbone(ModelConfig(name=str(request.getfixturevalue(fixture))))
     assert not backbone.model.training
-    ids = torch.randint(5, 200, (2, 7))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7]) if backbone.kind == "causal" else torch.ones_like(ids)
+    ids = torch.randint(5, 200, (2, 7)).to(backbone.device)
+    mask = (torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7], device=backbone.device) if backbone.kind == "causal"
+            else torch.ones_like(ids))
     embeds = backbone.embed(ids).detach().requires_grad_(True)
-    backbone.scores(embeds, Layout.padded(mask, torch.tensor([6, 6]))).logsumexp(-1).sum().backward()
+    targets = torch.tensor([6, 6], device=backbone.device)
+    backbone.scores(embeds, Layout.padded(mask, targets)).logsumexp(-1).sum().backward()
     assert torch.isfinite(embeds.grad).all() and embeds.grad.abs().sum() > 0
     assert all(p.grad is None for p in backbone.model.parameters())
 
 
 def test_bf16_autocast_runs(tiny_gpt2):
     backbone = load_backbone(ModelConfig(name=str(tiny_gpt2), bf16=True))
-    ids = torch.randint(5, 200, (2, 5))
-    logits = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids), torch.tensor([4, 4])))
+    ids = torch.randint(5, 200, (2, 5)).to(backbone.device)
+    logits = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids),
+                                                                torch.tensor([4, 4], device=backbone.device)))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
@@ -94,10 +99,11 @@ def test_other_masked_lm_heads_split(arch, tiny_bert, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     backbone = load_backbone(ModelConfig(name=str(tmp_path)))
     assert backbone.kind == "masked" and backbone.head_splits
-    ids = torch.randint(5, 200, (2, 7))
+    ids = torch.randint(5, 200, (2, 7)).to(backbone.device)
     with torch.no_grad():
         full = backbone.model(input_ids=ids).logits[:, 3]
-        ours = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids), torch.tensor([3, 3])))
+        ours = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids),
+                                                                  torch.tensor([3, 3], device=backbone.device)))
     assert torch.allclose(ours, full, atol=1e-5)
 
 
@@ -114,10 +120,11 @@ def test_a_head_that_does_not_split_falls_back_to_the_full_forward(tiny_gpt2, tm
     tokenizer.save_pretrained(tmp_path)
     backbone = load_backbone(ModelConfig(name=str(tmp_path)))
     assert backbone.kind == "causal" and not backbone.head_splits
-    ids = torch.randint(5, 200, (2, 6))
+    ids = torch.randint(5, 200, (2, 6)).to(backbone.device)
     with torch.no_grad():
         full = backbone.model(input_ids=ids).logits[:, -1]
-        ours = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids), torch.tensor([5, 5])))
+        ours = backbone.scores(backbone.embed(ids), Layout.padded(torch.ones_like(ids),
+                                                                  torch.tensor([5, 5], device=backbone.device)))
     assert torch.allclose(ours, full, atol=1e-5) and ours.abs().max() <= 2.0
 
 
@@ -136,7 +143,7 @@ def _scores_and_grads(backbone, rows, row_tokens: int):
                     backbone.device)
     embeds = backbone.embed(batch.ids).detach().requires_grad_(True)
     logits = backbone.scores(embeds, batch.layout)
-    (logits * torch.linspace(-1, 1, logits.shape[1])).sum().backward()
+    (logits * torch.linspace(-1, 1, logits.shape[1], device=logits.device)).sum().backward()
     # each fact's input gradient, token by token, wherever it sat
     grads = [embeds.grad[batch.layout.target_row[i]][batch.layout.segment[batch.layout.target_row[i]] ==
                                                       batch.layout.segment[batch.layout.target_row[i],
