@@ -3,13 +3,14 @@ folders, with tokenizers built from LAMA's own words so that the whole path (tok
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from ptuning.synthetic import bert_tokenizer, gpt2_tokenizer, roberta_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RELATIONS = ["P1376", "P36", "P37"]  # small relations: 248/62/234, 416/104/703, 248/62/966 facts
@@ -27,21 +28,6 @@ def lama() -> Path:
     return lama_dir()
 
 
-def _words(lama_path: Path, relations: list[str]) -> list[str]:
-    """The 29k word list plus every word of the given relations' subjects, for tokenizer vocabularies."""
-    table = json.loads((lama_path / "vocab" / "29k-vocab.json").read_text())
-    words = list(dict.fromkeys(table["bert-base-cased"] + json.loads(
-        (lama_path / "vocab" / "34k-vocab.json").read_text())["bert-base-cased"]))
-    extra = set()
-    for rel in relations:
-        for split in ("train", "dev", "test"):
-            for line in (lama_path / "fact-retrieval" / "original" / rel / f"{split}.jsonl").open():
-                extra.update(json.loads(line)["sub_label"].replace("-", " ").split())
-    for line in (lama_path / "relations.jsonl").open():
-        extra.update(json.loads(line)["template"].replace("[X]", " ").replace("[Y]", " ").split())
-    return words + sorted(extra - set(words))
-
-
 def _save(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -51,37 +37,21 @@ def _save(model, tokenizer, path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(lama, tmp_path_factory) -> Path:
     """A 2-layer random BertForMaskedLM with a WordPiece vocabulary holding every LAMA vocab word."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+    from transformers import BertConfig, BertForMaskedLM
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + _words(lama, TINY_RELATIONS)))}
-    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=False)  # vocab=, not vocab_file= (transformers 5)
+    tokenizer = bert_tokenizer(lama, TINY_RELATIONS)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     return _save(BertForMaskedLM(config), tokenizer, tmp_path_factory.mktemp("tiny-bert"))
-
-
-def _byte_bpe(lama: Path, specials: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=40000, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    words = _words(lama, TINY_RELATIONS)
-    tok.train_from_iterator([f"a {w}" for w in words] * 2, trainer=trainer)
-    return tok
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(lama, tmp_path_factory) -> Path:
     """A 2-layer random GPT2LMHeadModel with a byte-level BPE ('Ġ') tokenizer trained on LAMA words."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = GPT2TokenizerFast(tokenizer_object=_byte_bpe(lama, ["<|endoftext|>"]), bos_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer = gpt2_tokenizer(lama, TINY_RELATIONS)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -91,12 +61,9 @@ def tiny_gpt2(lama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_roberta(lama, tmp_path_factory) -> Path:
     """A 2-layer random RobertaForMaskedLM with a byte-level BPE tokenizer: masked LM with the 'Ġ' convention."""
-    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+    from transformers import RobertaConfig, RobertaForMaskedLM
 
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tokenizer = RobertaTokenizerFast(tokenizer_object=_byte_bpe(lama, specials), bos_token="<s>", eos_token="</s>",
-                                     sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
-                                     mask_token="<mask>")
+    tokenizer = roberta_tokenizer(lama, TINY_RELATIONS)
     torch.manual_seed(0)
     config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=130, pad_token_id=1)
