@@ -39,7 +39,8 @@ def main() -> None:
         template = trainer.ptuning_template(task)
         encoder = trainer.new_encoder(template, seed=0)
         encoder.load_state_dict(store.load_encoder_state(task.id))
-        prompts.append((encoder, template.rows(subjects, labels)))
+        with torch.no_grad():
+            prompts.append((encoder(), template.rows(subjects, labels)))
         manual.append((None, trainer.manual_template(task).rows(subjects, labels)))
     recorded = [store.result(r)["test_p@1"] for r in relations]
 

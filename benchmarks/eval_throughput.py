@@ -35,7 +35,9 @@ def main() -> None:
     ptuning_items = []
     for t in tasks:
         template = trainer.ptuning_template(t)
-        ptuning_items.append((trainer.new_encoder(template, 0),
+        with torch.no_grad():
+            vectors = trainer.new_encoder(template, 0)()
+        ptuning_items.append((vectors,
                               template.rows([e.subject for e in t.splits["test"]], [e.label for e in t.splits["test"]])))
     timings = {}
     start = time.perf_counter()

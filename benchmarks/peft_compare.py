@@ -61,7 +61,7 @@ def run_ours(relation: str, data_dir: str, batch: int, steps: int, seed: int) ->
         trainer._step([run])
 
     seconds = timed_steps(batches(len(run.rows["train"]), batch, steps, seed), step)
-    dev, test = trainer.evaluate([(run.encoder, run.rows["dev"]), (run.encoder, run.rows["test"])])
+    dev, test = (trainer._evaluate_runs([run], split)[0] for split in ("dev", "test"))
     return {"seconds": seconds, "dev_p@1": dev["p@1"], "n_dev": dev["n"], "test_p@1": test["p@1"], "n_test": test["n"]}
 
 

@@ -76,7 +76,8 @@ def main() -> None:
         F.cross_entropy(logits.float(), batch.labels).backward()
 
     def ours_eval() -> None:
-        trainer.ranks([(run.encoder, rows)])
+        with torch.no_grad():
+            trainer.ranks([(run.encoder(), rows)])
 
     def raw_forward() -> None:
         with torch.no_grad():

@@ -70,7 +70,9 @@ class TrainConfig:
     max_epochs: int = 100
     patience: int = 20  # stop a relation after this many epochs without a better dev P@1
     seed: int = 34
-    pack_relations: int = 0  # how many relations train together in one packed batch; 0 = all of them
+    # How many relations train together in one packed batch; 0 = all of them; "auto" = as many as the device's
+    # memory holds (python -m model_parallel.memory shows the arithmetic).
+    pack_relations: int | str = 0
     # A step's packed rows go through the LM in length-sorted chunks of at most this many rows (0: one padded
     # batch). Less padding; the same gradients (one backward over the summed chunk losses).
     bucket_rows: int = 64
@@ -84,7 +86,10 @@ class TrainConfig:
 class OutputConfig:
     dir: str = "runs/default"
     save_encoders: bool = True
-    resume: bool = True  # skip relations with a final result, resume interrupted ones from their last epoch
+    resume: bool = True  # skip relations with a final result, resume interrupted ones from their checkpoint
+    # A relation's checkpoint (encoder, optimizer, best copy: ~2 GB at 11B) is written at the end of an epoch once
+    # this many minutes have passed since its last one, and on SIGTERM/SIGUSR1; 0 = after every epoch.
+    checkpoint_minutes: float = 15.0
 
 
 @dataclass
@@ -102,6 +107,9 @@ class ParallelConfig:
     # World = data-parallel groups x tensor_parallel. Relations are spread over the data-parallel groups; the
     # ranks of one tensor-parallel group hold shards of one model and train the same relations.
     tensor_parallel: int = 1
+    # Each relation's prompt encoder lives on ONE rank of its tensor-parallel group (its state divided by the
+    # group's size); false keeps a copy on every rank.
+    shard_prompts: bool = True
 
 
 @dataclass
@@ -136,7 +144,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for option in inner[:-1]:  # the first type that takes the value
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], where)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -217,8 +230,11 @@ def _check(config: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.bucket_rows: must be >= 0 (0 turns length buckets off)")
     if config.train.row_tokens < 0:
         raise ConfigError(f"{source}: train.row_tokens: must be >= 0 (0 puts one fact in each row)")
-    if config.train.pack_relations < 0:
-        raise ConfigError(f"{source}: train.pack_relations: must be >= 0 (0 packs all relations)")
+    pack = config.train.pack_relations
+    if (isinstance(pack, str) and pack != "auto") or (isinstance(pack, int) and pack < 0):
+        raise ConfigError(f"{source}: train.pack_relations: must be >= 0 (0 packs all relations) or \"auto\"")
+    if config.output.checkpoint_minutes < 0:
+        raise ConfigError(f"{source}: output.checkpoint_minutes: must be >= 0 (0 checkpoints every epoch)")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -8,11 +8,15 @@ calls run_experiment.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ptuning.config import ExperimentConfig
 from ptuning.coordinator import Coordinator
+from ptuning.encoders import PromptEncoder
 from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, select_relations
 from ptuning.models import load_backbone
 from ptuning.parallel import ParallelContext, balance
@@ -26,6 +30,10 @@ from ptuning.wandb_log import WandbLogger
 
 class RelationFailure(RuntimeError):
     """A rank failed while working on some relations; the message names both."""
+
+
+class Stopped(RuntimeError):
+    """SIGTERM/SIGUSR1 stopped the run after checkpointing every relation under way; the same command resumes."""
 
 
 def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "train",
@@ -69,11 +77,14 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
 
     worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header)
     try:
-        worker.run(mine, mode)
+        finished = worker.run(mine, mode)
     except Exception as error:
         relations = ", ".join(worker.trainer.active or [t.id for t in mine]) or "-"
         raise RelationFailure(f"rank {ctx.rank} failed on relation(s) {relations}: "
                               f"{type(error).__name__}: {error}") from error
+    if not finished:
+        raise Stopped(f"rank {ctx.rank}: stopped by {worker.trainer.stop.name} after checkpointing its relations "
+                      "under way; run the same command to resume")
     ctx.barrier()  # every group's relations are on disk
     if coordinator is None:
         return None
@@ -114,12 +125,14 @@ class _Worker:
         self.cfg, self.store, self.ctx, self.progress = cfg, store, ctx, progress
         self.trainer = Trainer(backbone, cfg, allowed, progress=progress.line, parallel=ctx)
         self.model_name = header["model"]
+        self.last_checkpoint: dict[str, float] = {}  # relation -> when its last checkpoint was written
 
     def record(self, relation: str, fields: dict[str, Any]) -> None:
         if self.ctx.writer:
             self.store.write_result(relation, fields)
 
-    def run(self, tasks: list[RelationTask], mode: str) -> None:
+    def run(self, tasks: list[RelationTask], mode: str) -> bool:
+        """False when a signal stopped training (checkpoints written), True otherwise."""
         if self.cfg.output.resume:
             final = {"train": "done", "manual": "manual_only", "evaluate": "evaluated"}[mode]
             done = [t.id for t in tasks if (self.store.result(t.id) or {}).get("status") == final]
@@ -127,7 +140,7 @@ class _Worker:
                 self.progress.line(f"already final, skipped: {', '.join(done)}")
             tasks = [t for t in tasks if t.id not in done]
         if not tasks:
-            return
+            return True
         need_manual = [t for t in tasks if "manual_p@1" not in (self.store.result(t.id) or {})]
         if need_manual and (mode == "manual" or self.cfg.train.manual_baseline):
             self.progress.line(f"manual prompts: evaluating test for {len(need_manual)} relations")
@@ -137,21 +150,38 @@ class _Worker:
             for task in tasks:
                 self.record(task.id, {"status": "manual_only"})
         elif mode == "train":
-            self.trainer.train(tasks, self.finished, on_epoch=self.checkpoint, restore=self.restore)
+            return self.trainer.train(tasks, self.finished, on_epoch=self.epoch_done, restore=self.restore,
+                                      on_stop=self.stopped)
         else:
             self.evaluate_saved(tasks)
+        return True
 
     def restore(self, task: RelationTask) -> dict | None:
         return self.store.load_checkpoint(task.id) if self.cfg.output.resume else None
 
+    def epoch_done(self, run: RelationRun) -> None:
+        """Progress after every epoch; a checkpoint once output.checkpoint_minutes have passed since the last."""
+        if not run.writes:
+            return
+        self.store.write_progress(run.task.id, {"dev_history": run.dev_history})
+        last = self.last_checkpoint.setdefault(run.task.id, run.started)
+        if time.perf_counter() - last >= 60 * self.cfg.output.checkpoint_minutes:
+            self.checkpoint(run)
+
     def checkpoint(self, run: RelationRun) -> None:
-        if self.ctx.writer:
-            self.store.save_checkpoint(run.task.id, self.trainer.run_state(run))
-            self.store.write_progress(run.task.id, {"dev_history": run.dev_history})
+        self.store.save_checkpoint(run.task.id, self.trainer.run_state(run))
+        self.last_checkpoint[run.task.id] = time.perf_counter()
+
+    def stopped(self, runs: list[RelationRun]) -> None:
+        written = [r for r in runs if r.writes]
+        for run in written:
+            self.checkpoint(run)
+        self.progress.line(f"stop requested ({self.trainer.stop.name}): checkpointed "
+                           f"{', '.join(r.task.id for r in written) or 'nothing (no relation under way here)'}")
 
     def finished(self, outcome: RelationOutcome) -> None:
         rid = outcome.task.id
-        if self.ctx.writer:
+        if outcome.writes:
             if outcome.encoder is not None and self.cfg.output.save_encoders:
                 self.store.save_prompt(rid, outcome.encoder, {
                     "relation": rid, "model": self.model_name, "encoder": self.cfg.prompt.encoder,
@@ -165,19 +195,21 @@ class _Worker:
 
     def evaluate_saved(self, tasks: list[RelationTask]) -> None:
         loaded = []
-        for task in tasks:
+        for task in tasks:  # every rank evaluates with every saved encoder: no optimizer state, little memory
             template = self.trainer.ptuning_template(task)
-            encoder = self.trainer.new_encoder(template, seed=0)
+            encoder = PromptEncoder(template.n_pseudo, self.trainer.backbone.hidden_size, self.cfg.prompt.encoder)
             try:
                 encoder.load_state_dict(self.store.load_encoder_state(task.id))
             except RuntimeError as error:
                 raise DataError(f"{self.store.encoder_path(task.id)}: does not fit the configured prompt encoder "
                                 f"({error})") from None
-            loaded.append((task, encoder, template))
+            loaded.append((task, encoder.to(self.trainer.backbone.device), template))
         metrics = {}
         for split in ("dev", "test"):
-            items = [(enc, tpl.rows([e.subject for e in t.splits[split]], [e.label for e in t.splits[split]]))
-                     for t, enc, tpl in loaded]
+            with torch.no_grad():
+                vectors = [enc() for _, enc, _ in loaded]
+            items = [(vec, tpl.rows([e.subject for e in t.splits[split]], [e.label for e in t.splits[split]]))
+                     for vec, (t, _, tpl) in zip(vectors, loaded)]
             metrics[split] = self.trainer.evaluate(items)
         for (task, _, _), dev, test in zip(loaded, metrics["dev"], metrics["test"]):
             self.record(task.id, {"status": "evaluated", "dev_p@1": dev["p@1"], "test_p@1": test["p@1"],

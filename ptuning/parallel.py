@@ -1,8 +1,8 @@
 """What the library knows of parallelism: the process groups it is handed, never how they were launched.
 
 World = data-parallel groups x tensor-parallel size. Relations are spread over the data-parallel groups (each
-group trains its relations packed); the ranks of one tensor-parallel group hold shards of one model, train the
-same relations, keep identical prompt encoders, and only their first rank writes files.
+group trains its relations packed); the ranks of one tensor-parallel group hold shards of one model and train the
+same relations, each relation's prompt encoder on one of them (ptuning/prompt_bank.py).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class ParallelContext:
 
     @property
     def writer(self) -> bool:
-        """One rank per tensor-parallel group writes its relations' files."""
+        """The rank of a tensor-parallel group that writes the group's shared records (the manual baseline);
+        each relation's own files come from the rank that holds its encoder."""
         return self.tp_rank == 0
 
     @property

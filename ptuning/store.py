@@ -3,8 +3,9 @@
     <out>/run_config.json                       the settings the folder's results were made with
     <out>/relations/<P>/result.json             the relation's figures; status "done" marks it final
     <out>/relations/<P>/progress.json           dev P@1 per epoch so far (for W&B while it trains)
-    <out>/relations/<P>/checkpoint.pt           the last finished epoch: encoder, optimizer, scheduler,
-                                                early-stopping state, RNG states (removed once final)
+    <out>/relations/<P>/checkpoint.pt           encoder, optimizer, best copy, schedule, early-stopping state, RNG
+                                                states: at an epoch's end every output.checkpoint_minutes, and
+                                                mid-epoch on SIGTERM/SIGUSR1 (removed once final)
     <out>/relations/<P>/prompt_encoder.safetensors, prompt_vectors.safetensors
     <out>/results.json, results.md, p_at_1.png, wandb/   written by the coordinator
 
@@ -12,7 +13,6 @@ Every file is written to a temporary file and renamed.
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +22,7 @@ import torch
 
 from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.data import DataError
-from ptuning.results import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
+from ptuning.results import atomic_write, atomic_write_text, load_tensors, save_tensors
 
 FINAL = ("done", "manual_only", "evaluated")
 
@@ -100,9 +100,9 @@ class RunStore:
         return self.relation_dir(relation) / "checkpoint.pt"
 
     def save_checkpoint(self, relation: str, state: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.checkpoint_path(relation), buffer.getvalue())
+        """Serialised straight into a temporary file beside the checkpoint, then renamed: no copy in memory (an
+        11B relation's state is ~2 GB) and never half a checkpoint."""
+        atomic_write(self.checkpoint_path(relation), lambda handle: torch.save(state, handle))
 
     def load_checkpoint(self, relation: str) -> dict[str, Any] | None:
         path = self.checkpoint_path(relation)

@@ -9,7 +9,6 @@ of the LM, so relations train one at a time from the same starting weights.
 """
 from __future__ import annotations
 
-import copy
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,13 +16,17 @@ from typing import Any, Callable
 
 import torch
 
-from ptuning.backbone import HFBackbone
+from ptuning import capacity
+from ptuning.backbone import HFBackbone, backbone_dtype
 from ptuning.batching import Batch, collate, length_buckets
 from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.data import SPLITS
 from ptuning.encoders import PromptEncoder
 from ptuning.metrics import cross_entropy, restricted_ranks, summarize_ranks
 from ptuning.parallel import ParallelContext
+from ptuning.precision import LossScaler
+from ptuning.preemption import StopSignal
+from ptuning.prompt_bank import PromptBank
 from ptuning.tasks import RelationTask
 from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_counts
 
@@ -34,10 +37,15 @@ def relation_seed(seed: int, relation: str) -> int:
 
 
 class RelationRun:
-    """The training state of one relation."""
+    """The training state of one relation. Every rank of a tensor-parallel group keeps its schedule (order, epochs,
+    early stopping); only the rank that holds its encoder keeps the encoder, optimizer and best state."""
 
-    def __init__(self, task: RelationTask, template, encoder: PromptEncoder | None, seed: int):
+    def __init__(self, task: RelationTask, template, encoder: PromptEncoder | None, seed: int, index: int = 0,
+                 writes: bool = True):
         self.task, self.template, self.encoder = task, template, encoder
+        self.index = index  # position in the trained list: decides the owner rank (PromptBank)
+        self.writes = writes  # this rank writes the relation's checkpoint, prompts and record
+        self.n_pseudo = getattr(template, "n_pseudo", 0)
         self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]])
                      for s in SPLITS}
         self.generator = torch.Generator().manual_seed(seed)
@@ -67,6 +75,8 @@ class RelationRun:
 
     def decay_lr(self, gamma: float) -> None:
         """ExponentialLR, once per epoch of this relation."""
+        if self.optimizer is None:  # another rank holds this relation's encoder
+            return
         for group in self.optimizer.param_groups:
             group["lr"] *= gamma
 
@@ -74,25 +84,32 @@ class RelationRun:
         return time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after the last finished epoch exactly as if never stopped."""
+        """Everything needed to continue from this step exactly as if never stopped (written by the holder)."""
         state = {
-            "epoch": self.epoch, "order": self.order, "best_dev": self.best_dev, "best_epoch": self.best_epoch,
-            "best_state": self.best_state, "bad_epochs": self.bad_epochs, "dev_history": self.dev_history,
-            "seconds": self.elapsed(), "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "order": self.order, "cursor": self.cursor, "best_dev": self.best_dev,
+            "best_epoch": self.best_epoch, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
+            "dev_history": self.dev_history, "seconds": self.elapsed(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "optimizer": self.optimizer.state_dict(),
         }
+        if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generator
+            state["cuda_rng"] = torch.cuda.get_rng_state()
         if self.encoder is not None:
             state["encoder"] = self.encoder.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.order, self.cursor = state["epoch"], state["order"], 0
-        self.best_dev, self.best_epoch, self.best_state = state["best_dev"], state["best_epoch"], state["best_state"]
+        """The schedule on every rank; the encoder, optimizer and best state where this rank holds them."""
+        self.epoch, self.order, self.cursor = state["epoch"], state["order"], state.get("cursor", 0)
+        self.best_dev, self.best_epoch = state["best_dev"], state["best_epoch"]
         self.bad_epochs, self.dev_history = state["bad_epochs"], state["dev_history"]
         self.started = time.perf_counter() - state["seconds"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.best_state = state["best_state"]
         if self.encoder is not None:
             self.encoder.load_state_dict(state["encoder"])
 
@@ -101,7 +118,8 @@ class RelationRun:
 class RelationOutcome:
     task: RelationTask
     metrics: dict  # dev_p@1, test_p@1, test_p@10, test_mrr, best_epoch, epochs_run, seconds, dev_history
-    encoder: PromptEncoder | None  # the best encoder, loaded
+    encoder: PromptEncoder | None  # the best encoder, loaded (None where another rank holds it)
+    writes: bool = True  # this rank writes the relation's files
 
 
 class Trainer:
@@ -117,8 +135,19 @@ class Trainer:
         self.shard = backbone.vocab_shard
         self.uses_prompts = cfg.train.mode != "finetune"
         self.counts = tuple(cfg.prompt.template or default_counts(backbone.kind))
+        self.bank = PromptBank(self.parallel, cfg.parallel.shard_prompts and not self.tune_lm,
+                               backbone.hidden_size, backbone.device)
+        self.scaler = LossScaler(self.parallel) if backbone_dtype(backbone) == torch.float16 else None
+        self.stop = StopSignal(self.parallel)
         self._pristine_lm = ({k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
                              if self.tune_lm else None)
+        rows = (f"facts share rows of up to {cfg.train.row_tokens} tokens" if backbone.packs_rows and
+                cfg.train.row_tokens else "one fact per row" + ("" if backbone.packs_rows else
+                                                                 " (this model's attention takes no shared rows)"))
+        self.progress(f"layout: {rows}; prompt encoders "
+                      + (f"sharded over {self.parallel.tp_size} tensor-parallel ranks" if self.bank.sharded
+                         else "on every rank")
+                      + ("; fp16 loss scaling" if self.scaler else ""))
 
     # ---- templates and encoders -------------------------------------------------------------------------------
     def manual_template(self, task: RelationTask) -> ManualTemplate:
@@ -129,25 +158,37 @@ class Trainer:
         return PTuningTemplate(self.backbone.tokenizer, self.backbone.kind, self.counts, task.info.template,
                                anchors=self.cfg.prompt.anchors, add_bos=self.cfg.model.add_bos)
 
-    def new_encoder(self, template: PTuningTemplate, seed: int) -> PromptEncoder:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder = PromptEncoder(template.n_pseudo, self.backbone.hidden_size, self.cfg.prompt.encoder,
-                                    self.cfg.prompt.lstm_dropout, self.backbone.embedding_std)
+    def new_encoder(self, template: PTuningTemplate, seed: int, hold: bool = True) -> PromptEncoder | None:
+        """The relation's encoder where this rank holds it (None elsewhere). Every rank of the group takes part:
+        the manual-word initialisation reads the (possibly tensor-parallel) embedding."""
+        init = None
         if self.cfg.prompt.init == "manual":
             ids = template.manual_init_ids()
             with torch.no_grad():
                 words = self.backbone.embed(torch.tensor([i or 0 for i in ids], device=self.backbone.device))
-            encoder.init_from([words[k].float().cpu() if i is not None else None for k, i in enumerate(ids)])
+            init = [words[k].float().cpu() if i is not None else None for k, i in enumerate(ids)]
+        if not hold:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = PromptEncoder(template.n_pseudo, self.backbone.hidden_size, self.cfg.prompt.encoder,
+                                    self.cfg.prompt.lstm_dropout, self.backbone.embedding_std)
+        if init is not None:
+            encoder.init_from(init)
         encoder = encoder.to(self.backbone.device)
-        self.parallel.sync_module(encoder)  # tensor-parallel peers start from the same prompts
+        if not self.bank.sharded:
+            self.parallel.sync_module(encoder)  # replicated: tensor-parallel peers start from the same prompts
         return encoder
 
-    def prompt_vectors(self, encoder: PromptEncoder | None) -> torch.Tensor | None:
-        return None if encoder is None else encoder()
+    def vectors(self, runs: list[RelationRun]) -> list[torch.Tensor | None]:
+        """The prompt vectors of each run, on every rank of the group (None for the manual template)."""
+        if not self.uses_prompts:
+            return [None] * len(runs)
+        return self.bank.vectors([r.encoder for r in runs], [r.n_pseudo for r in runs])
 
     # ---- the packed forward -----------------------------------------------------------------------------------
-    def packed_logits(self, items: list[tuple[torch.Tensor | None, list[Row]]]) -> tuple[torch.Tensor, Batch]:
+    def packed_logits(self, items: list[tuple[torch.Tensor | None, list[Row]]],
+                      weights: list[float] | None = None) -> tuple[torch.Tensor, Batch]:
         """One forward over rows of several relations; items are (prompt vectors or None, rows)."""
         offsets, total, table = [], 0, []
         for vectors, _ in items:
@@ -159,7 +200,7 @@ class Trainer:
         owners = [i for i, (_, rs) in enumerate(items) for _ in rs]
         row_tokens = self.cfg.train.row_tokens if self.backbone.packs_rows else 0
         batch = collate(rows, owners, offsets, self.backbone.pad_id, self.backbone.padding_side, row_tokens,
-                        self.backbone.device)
+                        self.backbone.device, weights)
         embeds = self.backbone.embed(batch.ids)
         if table:
             packed = torch.cat(table).to(embeds.dtype)
@@ -168,23 +209,25 @@ class Trainer:
         return self.backbone.scores(embeds, batch.layout), batch
 
     @torch.no_grad()
-    def ranks(self, items: list[tuple[PromptEncoder | None, list[Row]]]) -> list[torch.Tensor]:
-        """Restricted ranks of every row of every item, batched across items and bucketed by length."""
+    def ranks(self, items: list[tuple[torch.Tensor | None, list[Row]]]) -> list[torch.Tensor]:
+        """Restricted ranks of every row of every item (prompt vectors or None, rows), batched across items and
+        bucketed by length. One read-back at the end, not one per chunk."""
         model = self.backbone.model
         was_training = model.training
         model.eval()
-        vectors = [self.prompt_vectors(encoder) for encoder, _ in items]
-        out = [torch.zeros(len(rows), dtype=torch.long) for _, rows in items]
+        found, where = [], []
         size = self.cfg.train.eval_batch_size
-        for chunk, positions in length_buckets(vectors, [rows for _, rows in items], size):
+        for chunk, positions in length_buckets([v for v, _ in items], [rows for _, rows in items], size):
             logits, batch = self.packed_logits(chunk)
-            ranks = restricted_ranks(logits, batch.labels, self.allowed, self.shard).tolist()
-            for (i, j), rank in zip(positions, ranks):
-                out[i][j] = rank
+            found.append(restricted_ranks(logits, batch.labels, self.allowed, self.shard))
+            where += positions
         model.train(was_training)
+        out = [torch.zeros(len(rows), dtype=torch.long) for _, rows in items]
+        for (i, j), rank in zip(where, torch.cat(found).tolist() if found else []):
+            out[i][j] = rank
         return out
 
-    def evaluate(self, items: list[tuple[PromptEncoder | None, list[Row]]]) -> list[dict]:
+    def evaluate(self, items: list[tuple[torch.Tensor | None, list[Row]]]) -> list[dict]:
         return [summarize_ranks(r) for r in self.ranks(items)]
 
     def evaluate_manual(self, tasks: list[RelationTask], split: str = "test") -> dict[str, dict]:
@@ -192,21 +235,46 @@ class Trainer:
                                                     [e.label for e in t.splits[split]])) for t in tasks]
         return {t.id: m for t, m in zip(tasks, self.evaluate(items))}
 
+    def _evaluate_runs(self, runs: list[RelationRun], split: str) -> list[dict]:
+        with torch.no_grad():
+            vectors = self.vectors(runs)
+        return self.evaluate([(v, r.rows[split]) for v, r in zip(vectors, runs)])
+
     # ---- training -----------------------------------------------------------------------------------------------
+    def pack_size(self, n_tasks: int) -> int:
+        """How many relations train together: train.pack_relations, or with "auto" as many as the device's
+        memory holds (ptuning/capacity.py's arithmetic; all of them on a CPU)."""
+        if self.tune_lm:
+            return 1
+        pack = self.cfg.train.pack_relations
+        if pack != "auto":
+            return pack or n_tasks
+        plan = capacity.plan_for(self.backbone, self.cfg, self.parallel.tp_size if self.bank.sharded else 1)
+        chosen = min(n_tasks, plan.relations) if plan.relations is not None else n_tasks
+        self.progress(f"pack_relations auto: {max(1, chosen)} of {n_tasks} relations per pack ({plan.reason})")
+        return max(1, chosen)
+
     def train(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None],
               on_epoch: Callable[[RelationRun], None] = lambda run: None,
-              restore: Callable[[RelationTask], dict | None] = lambda task: None) -> None:
+              restore: Callable[[RelationTask], dict | None] = lambda task: None,
+              on_stop: Callable[[list[RelationRun]], None] = lambda runs: None) -> bool:
         """Train the relations, packed. on_epoch sees each relation after every epoch that did not end it (for
-        checkpoints); restore may return a relation's saved state to continue from."""
-        size = 1 if self.tune_lm else (self.cfg.train.pack_relations or len(tasks))
-        for start in range(0, len(tasks), size):
-            self._train_group(tasks[start:start + size], on_result, on_epoch, restore)
+        checkpoints); restore may return a relation's saved state to continue from. On SIGTERM/SIGUSR1 the
+        relations under way are handed to on_stop after the step in flight; returns False then, True when done."""
+        size = self.pack_size(len(tasks))
+        with self.stop:
+            for start in range(0, len(tasks), size):
+                group = [(start + k, task) for k, task in enumerate(tasks[start:start + size])]
+                if not self._train_group(group, on_result, on_epoch, restore, on_stop):
+                    return False
+        return True
 
-    def _new_run(self, task: RelationTask) -> RelationRun:
+    def _new_run(self, task: RelationTask, index: int = 0) -> RelationRun:
         seed = relation_seed(self.cfg.train.seed, task.id)
         template = self.ptuning_template(task) if self.uses_prompts else self.manual_template(task)
-        encoder = self.new_encoder(template, seed) if self.uses_prompts else None
-        run = RelationRun(task, template, encoder, seed)
+        hold = self.bank.holds(index)
+        encoder = self.new_encoder(template, seed, hold) if self.uses_prompts else None
+        run = RelationRun(task, template, encoder, seed, index, self.bank.writes(index))
         groups = []
         if encoder is not None:
             groups.append({"params": list(encoder.parameters()), "lr": self.cfg.train.lr})
@@ -214,6 +282,8 @@ class Trainer:
             self.backbone.model.load_state_dict(self._pristine_lm)
             torch.manual_seed(seed)  # dropout in the fine-tuned LM
             groups.append({"params": self.backbone.unfreeze(), "lr": self.cfg.train.lm_lr})
+        if not groups:
+            return run  # another rank of the group holds this relation's encoder
         if self.tune_lm and self.cfg.deepspeed is not None:
             run.engine, run.optimizer = self._deepspeed(encoder, groups)
         else:
@@ -241,17 +311,24 @@ class Trainer:
                       f"{type(optimizer).__name__}, bf16 {engine.bfloat16_enabled()}, fp16 {engine.fp16_enabled()}")
         return engine, optimizer
 
-    def _train_group(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None],
-                     on_epoch: Callable[[RelationRun], None], restore: Callable[[RelationTask], dict | None]) -> None:
+    def _train_group(self, group: list[tuple[int, RelationTask]], on_result: Callable[[RelationOutcome], None],
+                     on_epoch: Callable[[RelationRun], None], restore: Callable[[RelationTask], dict | None],
+                     on_stop: Callable[[list[RelationRun]], None]) -> bool:
         runs = []
-        for task in tasks:
+        for index, task in group:
             self.active = [task.id]
-            run = self._new_run(task)
+            run = self._new_run(task, index)
             state = restore(task)
             if state is not None:
                 self._load_run_state(run, state)
-                self.progress(f"{task.id}: resuming after epoch {run.epoch}")
+                self.progress(f"{task.id}: resuming after epoch {run.epoch}" if run.cursor == 0 else
+                              f"{task.id}: resuming in epoch {run.epoch + 1} at fact {run.cursor} of {len(run.order)}")
             runs.append(run)
+        if self.parallel.tp_size > 1 and self.uses_prompts:
+            held = [r for r in runs if r.encoder is not None]
+            count = sum(p.numel() for r in held for p in r.encoder.parameters())
+            self.progress(f"rank {self.parallel.rank} holds the prompt encoders of "
+                          f"{', '.join(r.task.id for r in held) or 'no relation'} ({count:,} parameters)")
         while True:
             active = [r for r in runs if not r.done]
             if not active:
@@ -268,12 +345,18 @@ class Trainer:
                 if finished:
                     for outcome in self._finish(finished):
                         on_result(outcome)
+            if self.stop.requested():
+                on_stop([r for r in runs if not r.done])
+                return False
         self.active = []
+        return True
 
     def run_state(self, run: RelationRun) -> dict[str, Any]:
         state = run.state_dict()
         if self.tune_lm:  # each relation fine-tunes its own LM copy: it is part of the relation's state
             state["lm"] = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.model.state_dict().items()}
+        if self.scaler is not None:
+            state["loss_scale"] = self.scaler.state_dict()
         return state
 
     def _load_run_state(self, run: RelationRun, state: dict[str, Any]) -> None:
@@ -283,18 +366,18 @@ class Trainer:
         run.load_state_dict(state)
         if self.tune_lm:
             self.backbone.model.load_state_dict(state["lm"])
+        if self.scaler is not None and "loss_scale" in state:
+            self.scaler.load_state_dict(state["loss_scale"])
 
     def _loss(self, runs: list[RelationRun]) -> torch.Tensor:
         """The next micro-batch of every relation, packed: the sum over relations of each one's mean row loss,
         computed over length-sorted chunks of rows."""
-        vectors = [self.prompt_vectors(r.encoder) for r in runs]
+        vectors = self.vectors(runs)
         rows = [r.next_batch(self.cfg.train.batch_size) for r in runs]
         loss = torch.zeros((), device=self.backbone.device)
         for chunk, positions in length_buckets(vectors, rows, self.cfg.train.bucket_rows):
-            logits, batch = self.packed_logits(chunk)
-            losses = cross_entropy(logits, batch.labels, self.shard)
-            weights = torch.tensor([1.0 / len(rows[i]) for i, _ in positions], device=losses.device)
-            loss = loss + (losses * weights).sum()
+            logits, batch = self.packed_logits(chunk, [1.0 / len(rows[i]) for i, _ in positions])
+            loss = loss + (cross_entropy(logits, batch.labels, self.shard) * batch.weights).sum()
         return loss
 
     def _step(self, runs: list[RelationRun]) -> None:
@@ -303,14 +386,19 @@ class Trainer:
             runs[0].engine.backward(loss)
             runs[0].engine.step()
             return
-        loss.backward()
-        for run in runs:
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+        optimizers = [r.optimizer for r in runs if r.optimizer is not None]
+        if self.scaler is not None:
+            self.scaler.backward_and_step(loss, optimizers)
+        else:
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def _end_epochs(self, runs: list[RelationRun]) -> None:
         """Scheduler step, dev P@1, best state and early stopping for the relations whose epoch just ended."""
-        dev = self.evaluate([(r.encoder, r.rows["dev"]) for r in runs])
+        dev = self._evaluate_runs(runs, "dev")
         for run, metrics in zip(runs, dev):
             run.decay_lr(self.cfg.train.lr_decay)
             run.epoch += 1
@@ -327,24 +415,28 @@ class Trainer:
             if not run.done:
                 run.start_epoch()
 
-    def _snapshot(self, run: RelationRun) -> dict:
+    def _snapshot(self, run: RelationRun) -> dict | None:
+        """The best epoch's weights, in host memory: on a GPU the device keeps only what the steps use."""
+        if run.optimizer is None:
+            return None  # another rank holds this relation's encoder
         state = {}
         if run.encoder is not None:
-            state["encoder"] = copy.deepcopy(run.encoder.state_dict())
+            state["encoder"] = {k: v.detach().to("cpu", copy=True) for k, v in run.encoder.state_dict().items()}
         if self.tune_lm:
             state["lm"] = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.model.state_dict().items()}
         return state
 
     def _finish(self, runs: list[RelationRun]) -> list[RelationOutcome]:
         """Load each relation's best state and evaluate test at the best dev epoch."""
-        outcomes = []
         for run in runs:
             if run.encoder is not None:
                 run.encoder.load_state_dict(run.best_state["encoder"])
             if self.tune_lm:
                 self.backbone.model.load_state_dict(run.best_state["lm"])
             run.best_state = None
-        test = self.evaluate([(r.encoder, r.rows["test"]) for r in runs])
+            run.optimizer = None  # its state is no longer needed: free it before the next relations start
+        test = self._evaluate_runs(runs, "test")
+        outcomes = []
         for run, metrics in zip(runs, test):
             outcomes.append(RelationOutcome(run.task, {
                 "dev_p@1": run.best_dev,
@@ -352,7 +444,7 @@ class Trainer:
                 "best_epoch": run.best_epoch, "epochs_run": run.epoch,
                 "seconds": round(run.elapsed(), 1),
                 "dev_history": run.dev_history,
-            }, run.encoder))
+            }, run.encoder, run.writes))
         if self.tune_lm:
             self.backbone.model.load_state_dict(self._pristine_lm)
             self.backbone.freeze()

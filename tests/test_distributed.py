@@ -94,33 +94,81 @@ def test_offline_wandb_run_holds_the_summary_and_the_table(single):
     assert all(str(p).startswith(str(single)) for p in run["files"])
 
 
-def test_kill_9_then_restart_equals_an_uninterrupted_run(tiny_gpt2, lama, tmp_path):
-    args = lambda out: sweep_args(tiny_gpt2, lama, out, "--relations", "P1376,P36", "--set",
-                                  "train.pack_relations=1", "--set", "data.max_train=200", "--set",
-                                  "train.max_epochs=25", "--set", "train.patience=25", "--set", "logging.wandb=false")
-    launch([sys.executable], args(tmp_path / "whole"))
+def interrupted_args(model: Path, lama: Path, out: Path, *extra: str) -> list[str]:
+    return sweep_args(model, lama, out, "--relations", "P1376,P36", "--set", "train.pack_relations=1", "--set",
+                      "data.max_train=200", "--set", "train.max_epochs=25", "--set", "train.patience=25", "--set",
+                      "logging.wandb=false", *extra)
 
-    out = tmp_path / "killed"
+
+def checkpoint_epoch(store: RunStore, relation: str) -> int | None:
+    import torch
+
+    try:
+        return torch.load(store.checkpoint_path(relation), weights_only=True)["epoch"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_gpt2, lama, tmp_path_factory) -> Path:
+    """The interrupted runs' reference: the same settings, never stopped."""
+    out = tmp_path_factory.mktemp("whole")
+    launch([sys.executable], interrupted_args(tiny_gpt2, lama, out))
+    return out
+
+
+# 0: a checkpoint after every epoch. 0.02 minutes (1.2 s): several epochs between checkpoints, and the kill lands
+# after the last one, so the restart redoes epochs that had already run.
+@pytest.mark.parametrize("minutes", [0, 0.02])
+def test_kill_9_then_restart_equals_an_uninterrupted_run(minutes, whole, tiny_gpt2, lama, tmp_path):
+    args = interrupted_args(tiny_gpt2, lama, tmp_path, "--set", f"output.checkpoint_minutes={minutes}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable] + args(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    store = RunStore(out)
+    store = RunStore(tmp_path)
     deadline = time.time() + 300
-    while time.time() < deadline:  # P1376 finished, P36 a few epochs in
+    while time.time() < deadline:  # P1376 finished, P36 a checkpoint in and (interval) two epochs past it
         progress = (store.progress("P36") or {}) if (store.result("P1376") or {}).get("status") == "done" else {}
-        if len(progress.get("dev_history", [])) >= 3:
+        saved = checkpoint_epoch(store, "P36")
+        if len(progress.get("dev_history", [])) >= 3 and saved is not None and (
+                minutes == 0 or len(progress["dev_history"]) >= saved + 2):
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (store.result("P36") or {}).get("status") != "done", "the run finished before it could be killed"
-    assert store.checkpoint_path("P36").is_file()
+    saved, ran = checkpoint_epoch(store, "P36"), len(store.progress("P36")["dev_history"])
+    assert saved is not None and (saved == ran if minutes == 0 else saved < ran), (saved, ran)
 
-    restarted = launch([sys.executable], args(out))
+    restarted = launch([sys.executable], args)
     assert "already final, skipped: P1376" in restarted.stderr
-    assert "P36: resuming after epoch" in restarted.stderr
-    assert figures(out) == figures(tmp_path / "whole")
+    assert f"P36: resuming after epoch {saved}" in restarted.stderr
+    assert figures(tmp_path) == figures(whole)
     assert not store.checkpoint_path("P36").exists()
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_restart_equals_an_uninterrupted_run(whole, tiny_gpt2, lama,
+                                                                                   tmp_path):
+    """SLURM's warning before the time limit (and a preemption) arrive as SIGTERM/SIGUSR1: the step in flight
+    ends, every relation under way is checkpointed where it stands (mid-epoch), and the run stops."""
+    args = interrupted_args(tiny_gpt2, lama, tmp_path, "--set", "output.checkpoint_minutes=60")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    store = RunStore(tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and len((store.progress("P36") or {}).get("dev_history", [])) < 2:
+        time.sleep(0.02)
+    time.sleep(0.05)  # somewhere inside an epoch
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stop requested (SIGTERM): checkpointed P36" in stderr and "run the same command to resume" in stderr
+    assert checkpoint_epoch(store, "P36") is not None and (store.result("P36") or {}).get("status") != "done"
+
+    restarted = launch([sys.executable], args)
+    assert "P36: resuming" in restarted.stderr
+    assert figures(tmp_path) == figures(whole)
 
 
 def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama, tmp_path):
