@@ -1,7 +1,7 @@
 """Process groups from the launcher's environment: python (one process), torchrun, or the deepspeed launcher.
 
-Both torchrun and the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. gloo on
-CPU, nccl on GPU, chosen by itself.
+Both torchrun and the deepspeed launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. The device
+follows model.device (choose_device): one GPU per rank, nccl; or CPU, gloo.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ptuning.config import ConfigError
 from ptuning.parallel import ParallelContext
 
 # Data-parallel groups finish their relations at different times and wait for the others at the end.
@@ -28,26 +29,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False) -> ParallelContext:
-    """solo_groups: also make a process group of each rank alone (DeepSpeed's data-parallel groups); a single
-    process then gets a one-rank process group too."""
+def choose_device(requested: str, local_rank: int, local_procs: int, n_gpus: int) -> torch.device:
+    """The device of rank local_rank of the local_procs ranks on a node with n_gpus visible GPUs, for model.device
+    `requested`: cpu (even with GPUs), cuda (a GPU or an error), auto (cuda when the node has GPUs, else cpu).
+    Rank r takes cuda:r; ranks never share a GPU silently."""
+    if requested == "cpu" or (requested == "auto" and n_gpus == 0):
+        return torch.device("cpu")
+    if requested not in ("auto", "cuda"):
+        raise ConfigError(f"model.device={requested}: expected auto, cpu or cuda (rank r of a node takes cuda:r; "
+                          "choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if n_gpus == 0:
+        raise ConfigError("model.device=cuda but this node has no CUDA GPU: set model.device=cpu (or auto)")
+    if local_procs > n_gpus:
+        raise ConfigError(f"{local_procs} processes per node were started but this node has {n_gpus} GPU(s): start "
+                          f"at most {n_gpus} per node, or set model.device=cpu to run them on CPU (gloo)")
+    return torch.device(f"cuda:{local_rank}")
+
+
+def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False, device: str = "auto") -> ParallelContext:
+    """device: the config's model.device (choose_device). solo_groups: also make a process group of each rank alone
+    (DeepSpeed's data-parallel groups); a single process then gets a one-rank process group too."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE; every rank of a node checks the same count,
+    # so all of them stop with the same error before any collective
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or local_rank + 1)
+    chosen = choose_device(device, local_rank, local_procs, torch.cuda.device_count())
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
     if not launched_distributed():
         if tensor_parallel != 1:
             raise ValueError(f"parallel.tensor_parallel={tensor_parallel} needs that many processes per group; "
                              "launch with torchrun or deepspeed")
         if not solo_groups:
-            return ParallelContext()
+            return ParallelContext(device=chosen)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=GROUP_TIMEOUT)
     if world % tensor_parallel:
         raise ValueError(f"world size {world} is not a multiple of parallel.tensor_parallel={tensor_parallel}")
     if tensor_parallel > 1:
@@ -63,7 +83,7 @@ def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False) -> Parall
     solo = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)] if solo_groups else None
     return ParallelContext(rank=rank, world_size=world, group_index=rank // tensor_parallel,
                            n_groups=world // tensor_parallel, tp_size=tensor_parallel,
-                           tp_rank=rank % tensor_parallel, tp_group=tp_group, device=device,
+                           tp_rank=rank % tensor_parallel, tp_group=tp_group, device=chosen,
                            solo_group=solo[rank] if solo else None)
 
 

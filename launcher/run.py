@@ -5,8 +5,9 @@
     deepspeed --num_gpus N launcher/run.py --config C         N ranks through the DeepSpeed launcher
 
 Bad input (config, data, model) ends with a one-line error and exit status 2; a rank that fails while training
-ends with exit status 1 and a message naming the rank and the relation(s); finished relations stay on disk and a
-restart resumes.
+ends with exit status 1 and a message naming the rank and the relation(s); SIGTERM or SIGUSR1 (a SLURM time
+limit, a preemption) checkpoints the relations under way and ends with exit status 143. Finished relations stay on
+disk and a restart resumes.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import traceback
 from launcher.distributed import init_parallel, shutdown
 from ptuning.config import ConfigError, ExperimentConfig, load_config
 from ptuning.data import DataError, resolve_data_dir
-from ptuning.experiment import RelationFailure, run_experiment
+from ptuning.experiment import RelationFailure, Stopped, run_experiment
 from ptuning.models import ModelError
 from ptuning.templates import TemplateError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
+STOPPED = 143  # 128 + SIGTERM: stopped on request, relations checkpointed; the same command resumes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         parallel = init_parallel(cfg.parallel.tensor_parallel,
-                                 solo_groups=cfg.deepspeed is not None and cfg.train.mode != "ptuning")
+                                 solo_groups=cfg.deepspeed is not None and cfg.train.mode != "ptuning",
+                                 device=cfg.model.device)
         payload = run_experiment(cfg, resolve_data_dir(args.data_dir, cfg.data.data_dir), mode, parallel)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exception(error.__cause__, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Stopped as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return STOPPED
     finally:
         shutdown()
     if payload is not None:

@@ -2,10 +2,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+from launcher.distributed import choose_device
 from launcher.run import main
+from ptuning.config import ConfigError
 from ptuning.results import load_tensors
 from tests.conftest import REPO
 
@@ -91,3 +95,44 @@ def test_errors_are_one_line(tiny_gpt2, lama_copy, tmp_path, capsys):
     err = one_line_error(capsys, base + ["--data-dir", str(lama_copy), "--relations", "P4242"])
     assert "unknown relation id(s) P4242" in err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_the_device_rule_one_gpu_per_rank_or_cpu():
+    cpu, cuda1 = torch.device("cpu"), torch.device("cuda:1")
+    assert choose_device("cpu", 1, 2, 2) == cpu  # forced, GPUs or not
+    assert choose_device("auto", 1, 2, 2) == cuda1 and choose_device("cuda", 1, 2, 4) == cuda1
+    assert choose_device("auto", 1, 2, 0) == cpu
+    with pytest.raises(ConfigError, match=r"^2 processes per node were started but this node has 1 GPU\(s\): start "
+                                          r"at most 1 per node, or set model.device=cpu"):
+        choose_device("auto", 0, 2, 1)  # every rank of the node stops, the first one too
+    with pytest.raises(ConfigError, match="model.device=cuda but this node has no CUDA GPU"):
+        choose_device("cuda", 0, 1, 0)
+    with pytest.raises(ConfigError, match="model.device=cuda:1: expected auto, cpu or cuda"):
+        choose_device("cuda:1", 0, 1, 2)
+
+
+def test_model_device_cpu_runs_and_cuda_without_a_gpu_is_a_one_line_error(tiny_gpt2, lama, tmp_path, capsys):
+    base = ["--set", f"model.name={tiny_gpt2}", "--relations", "P37", "--data-dir", str(lama), *SMALL]
+    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "run.py"), *base, "--out", str(tmp_path / "cpu"),
+                           "--set", "model.device=cpu", "--set", "logging.wandb=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "cpu" / "results.json").read_text())
+    assert results["config"]["model"]["device"] == "cpu" and results["relations"]["P37"]["status"] == "done"
+    if not torch.cuda.is_available():
+        err = one_line_error(capsys, base + ["--out", str(tmp_path / "cuda"), "--set", "model.device=cuda"])
+        assert "model.device=cuda but this node has no CUDA GPU: set model.device=cpu" in err
+
+
+def test_torchrun_with_more_ranks_than_gpus_stops_every_rank_with_the_error(tmp_path):
+    """On this machine's GPU count + 1 ranks: every rank stops before any collective (no rank waits for a peer)."""
+    n_gpus = torch.cuda.device_count()
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(n_gpus + 1), "--master_port", "29616",
+         str(REPO / "launcher" / "run.py"), "--out", str(tmp_path), "--set",
+         f"model.device={'auto' if n_gpus else 'cuda'}"],
+        capture_output=True, text=True, timeout=120)
+    expected = (f"error: {n_gpus + 1} processes per node were started but this node has {n_gpus} GPU(s): start at most"
+                if n_gpus else "error: model.device=cuda but this node has no CUDA GPU: set model.device=cpu")
+    assert proc.returncode != 0 and proc.stderr.count(expected) == n_gpus + 1, proc.stderr[-3000:]
+    assert "exitcode: 2" in proc.stderr  # run.py's user-error status; torchrun itself then exits 1
