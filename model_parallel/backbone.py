@@ -6,10 +6,14 @@ Where the weights come from:
   the fairseq release (8 parts)   tensor_parallel 8: rank i loads part i as it is, no merge
   a merged folder (merge.py)      tensor_parallel 1, 2, 4 (or 8): each rank reads only its slice of the
                                   memory-mapped safetensors; 1 is the single-GPU model (bf16/fp16, ~22 GB)
+Either way the module is built on the meta device and given each tensor as it is read, copied once to its device
+and dtype (model.load_weights): nothing is initialised only to be overwritten, and a GPU load holds one tensor in
+host memory at a time.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from model_parallel.merge import INDEX, read_merged_spec
-from model_parallel.model import MegatronLM
+from model_parallel.model import MegatronLM, empty_megatron, load_weights
 from model_parallel.release import N_PARTS, PART, ReleaseError, load_part, read_spec, split_dim
 from ptuning.backbone import Layout
 
@@ -40,22 +44,22 @@ def is_merged(folder: Path) -> bool:
     return (folder / INDEX).is_file()
 
 
-def read_merged_shard(folder: Path, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """This rank's slice of every tensor, read from the memory-mapped safetensors (only the slice is read)."""
+def read_merged_shard(folder: Path, tp: int, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """This rank's slice of every tensor, one at a time, memory-mapped from the safetensors (only the slice is
+    read). Each tensor is opened on its own so that its pages leave memory with it: one mapping per file would
+    keep every page read so far resident until the whole file is done."""
     weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-    state = {}
-    for filename in sorted(set(weight_map.values())):
+    for name, filename in weight_map.items():
+        dim = split_dim(name)
         with safe_open(folder / filename, framework="pt") as handle:
-            for name in handle.keys():
-                dim = split_dim(name)
-                if tp == 1 or dim is None:
-                    state[name] = handle.get_tensor(name)
-                    continue
+            if tp == 1 or dim is None:
+                tensor = handle.get_tensor(name)
+            else:
                 view = handle.get_slice(name)
                 size = view.get_shape()[dim] // tp
                 cut = slice(rank * size, (rank + 1) * size)
-                state[name] = view[cut] if dim == 0 else view[:, cut]
-    return state
+                tensor = view[cut] if dim == 0 else view[:, cut]
+        yield name, tensor
 
 
 class MegatronBackbone:
@@ -94,27 +98,31 @@ class MegatronBackbone:
         return logits.float()
 
 
-def load_megatron(folder: Path, tokenizer_name: str | None, tp: int, tp_rank: int, group: Any,
-                  dtype: torch.dtype, device: torch.device, bf16: bool = False) -> MegatronBackbone:
-    from transformers import AutoTokenizer
-
+def load_megatron_model(folder: Path, tp: int, tp_rank: int, dtype: torch.dtype,
+                        device: str | torch.device) -> MegatronLM:
+    """This rank's module, built on the meta device and given the checkpoint's tensors as they are read."""
     if is_release(folder):
         if tp != N_PARTS:
             raise ReleaseError(f"{folder}: the fairseq release loads as is only at tensor_parallel {N_PARTS}; for "
                                f"{tp}, merge it first: python -m model_parallel.merge --src {folder} --dst DIR")
         spec, _ = read_spec(folder)
-        _, state = load_part(folder / PART.format(tp_rank))
+        tensors = load_part(folder / PART.format(tp_rank))[1].items()  # one mapping of the whole part
     elif is_merged(folder):
         spec = read_merged_spec(folder)
-        state = read_merged_shard(folder, tp, tp_rank)
+        tensors = read_merged_shard(folder, tp, tp_rank)
     else:
         raise ReleaseError(f"{folder}: neither the fairseq release ({PART.format(0)}, ...) nor a merged folder "
                            f"({INDEX})")
-    model = MegatronLM(spec, tp=tp, dtype=dtype)
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    except RuntimeError as error:
-        raise ReleaseError(f"{folder}: weights do not fit the model built from its config ({error})") from None
-    del state
+        return load_weights(empty_megatron(spec, tp, dtype), tensors, device)
+    except ReleaseError as error:
+        raise ReleaseError(f"{folder}: {error}") from None
+
+
+def load_megatron(folder: Path, tokenizer_name: str | None, tp: int, tp_rank: int, group: Any,
+                  dtype: torch.dtype, device: torch.device, bf16: bool = False) -> MegatronBackbone:
+    from transformers import AutoTokenizer
+
+    model = load_megatron_model(folder, tp, tp_rank, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or DEFAULT_TOKENIZER)
-    return MegatronBackbone(model.to(device), tokenizer, tp_rank, group, bf16)
+    return MegatronBackbone(model, tokenizer, tp_rank, group, bf16)

@@ -11,27 +11,34 @@ tp == 1: plain torch layers (the merged single-GPU model). tp > 1: megatron-core
 ColumnParallelLinear(gather_output=False) for q/k/v and fc1, RowParallelLinear(input_is_parallel=True) for out_proj
 and fc2; each rank holds its heads and its slice of the vocabulary, and the logits stay vocab-parallel.
 Parameter names are fairseq's without the `decoder.` prefix, so checkpoints load by name.
+
+The module is built on the meta device (empty_megatron) and then given its weights: load_weights copies the
+checkpoint's tensors one at a time straight to their device and dtype, random_megatron fills fresh memory on the
+device. 11B parameters are never initialised on the CPU only to be overwritten, and never held twice.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_parallel.release import MegatronSpec
+from model_parallel.release import MegatronSpec, ReleaseError
 
 
 def sinusoidal_table(rows: int, dim: int, padding_idx: int) -> torch.Tensor:
-    """fairseq's SinusoidalPositionalEmbedding table (sin half, then cos half; the padding row zero)."""
+    """fairseq's SinusoidalPositionalEmbedding table (sin half, then cos half; the padding row zero). Computed on
+    the CPU even under a meta-device context: ops on meta import torch._dynamo, seconds for nothing."""
     half = dim // 2
     scale = math.log(10000) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -scale)
-    angles = torch.arange(rows, dtype=torch.float)[:, None] * freqs[None, :]
+    freqs = torch.exp(torch.arange(half, dtype=torch.float, device="cpu") * -scale)
+    angles = torch.arange(rows, dtype=torch.float, device="cpu")[:, None] * freqs[None, :]
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     if dim % 2:
-        table = torch.cat([table, torch.zeros(rows, 1)], dim=1)
+        table = torch.cat([table, torch.zeros(rows, 1, device="cpu")], dim=1)
     table[padding_idx] = 0
     return table
 
@@ -49,12 +56,14 @@ class _Layers:
         if tp > 1:
             from megatron.core.model_parallel_config import ModelParallelConfig
 
+            # use_cpu_initialization: allocate on the default device (meta in empty_megatron), not on cuda
             self.config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                               perform_initialization=False, params_dtype=dtype)
 
     def embedding(self, rows: int, dim: int) -> nn.Module:
-        if self.tp == 1:
-            return nn.Embedding(rows, dim, device=self.device, dtype=self.dtype)
+        if self.tp == 1:  # uninitialised like the tensor-parallel layers (and normal_ on meta imports torch._dynamo)
+            return nn.Embedding.from_pretrained(torch.empty(rows, dim, device=self.device, dtype=self.dtype),
+                                                freeze=False)
         from megatron.core.tensor_parallel import VocabParallelEmbedding
 
         return VocabParallelEmbedding(rows, dim, init_method=_no_init, config=self.config)
@@ -127,9 +136,7 @@ class MegatronLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, layers) for _ in range(spec.layers))
         self.layer_norm = layers.norm(spec.hidden)
         self.embed_scale = math.sqrt(spec.hidden) if spec.scale_embedding else 1.0
-        self.register_buffer("positions_table", sinusoidal_table(spec.max_positions + spec.padding_idx + 1,
-                                                                 spec.hidden, spec.padding_idx).to(device),
-                             persistent=False)
+        self.register_buffer("positions_table", _positions_table(spec).to(device), persistent=False)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -150,3 +157,66 @@ class MegatronLM(nn.Module):
 
             hidden = copy_to_tensor_model_parallel_region(hidden)  # backward all-reduces the input gradient
         return hidden @ self.embed_tokens.weight.t()
+
+
+def _positions_table(spec: MegatronSpec) -> torch.Tensor:
+    """Computed, never loaded: the buffer is not persistent."""
+    return sinusoidal_table(spec.max_positions + spec.padding_idx + 1, spec.hidden, spec.padding_idx)
+
+
+@contextmanager
+def _parameter_attributes_kept(model: nn.Module) -> Iterator[None]:
+    """to_empty and load_state_dict(assign=True) put new Parameter objects in place; megatron-core marks its
+    parameters with attributes (tensor_model_parallel, partition_dim, allreduce, sequence_parallel) that its
+    gradient and optimizer code read, so they move to the new objects."""
+    marks = {name: dict(vars(param)) for name, param in model.named_parameters()}
+    yield
+    for name, param in model.named_parameters():
+        vars(param).update(marks[name])
+
+
+def empty_megatron(spec: MegatronSpec, tp: int = 1, dtype: torch.dtype = torch.float32) -> MegatronLM:
+    """Shapes and dtypes only: every parameter and buffer on the meta device, no memory, no initialisation.
+    megatron-core's layers (use_cpu_initialization) allocate with the default device, so the meta context
+    reaches them too."""
+    with torch.device("meta"):
+        return MegatronLM(spec, tp, dtype, device="meta")
+
+
+def load_weights(model: MegatronLM, tensors: Iterable[tuple[str, torch.Tensor]],
+                 device: str | torch.device) -> MegatronLM:
+    """Give a meta-built model its weights: each (name, tensor), as it is read, is copied once into a new tensor of
+    its parameter's dtype on the device (copy_ casts, moves and makes row-parallel slices contiguous), which then
+    becomes the parameter (assign=True) instead of being copied again into memory allocated beforehand. So host
+    memory holds the model, if it is on the CPU, and the tensor being read; no parameter keeps a file mapped."""
+    dtypes = {name: param.dtype for name, param in model.named_parameters()}
+    state = {}
+    for name, tensor in tensors:  # the tensor's own shape: a wrong one fails in load_state_dict, as a wrong name
+        state[name] = torch.empty(tensor.shape, dtype=dtypes.get(name, tensor.dtype), device=device).copy_(tensor)
+    try:
+        with _parameter_attributes_kept(model):
+            model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ReleaseError(f"weights do not fit the model built from its config ({error})") from None
+    model.positions_table = _positions_table(model.spec).to(device)
+    return model
+
+
+def random_megatron(spec: MegatronSpec, tp: int = 1, dtype: torch.dtype = torch.bfloat16,
+                    device: str | torch.device = "cuda", seed: int = 0) -> MegatronLM:
+    """Random weights made in place on the device, for measuring the full-size model without its checkpoint:
+    nothing passes through host memory. Matrices normal(0, 0.02), biases zero, LayerNorms the identity."""
+    model = empty_megatron(spec, tp, dtype)
+    with _parameter_attributes_kept(model):
+        model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.02, generator=generator)
+            elif "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+    model.positions_table = _positions_table(spec).to(device)
+    return model
