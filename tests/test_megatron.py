@@ -128,20 +128,21 @@ def test_merged_model_matches_the_plain_reference_with_and_without_padding(relea
     assert backbone.kind == "causal" and backbone.vocab_size == 512 and backbone.vocab_shard is None
     ids = torch.randint(4, 400, (5,))
     expected = naive_forward(dense, ids)
-    padded = torch.cat([torch.full((3,), backbone.pad_id), ids])[None]
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    on = lambda values: torch.tensor(values, device=backbone.device)  # noqa: E731  (cuda on a GPU host)
+    ids = ids.to(backbone.device)
+    padded = torch.cat([torch.full((3,), backbone.pad_id, device=backbone.device), ids])[None]
     with torch.no_grad():
-        alone = backbone.scores(backbone.embed(ids[None]), Layout.padded(torch.ones(1, 5), torch.tensor([4])))
-        left = backbone.scores(backbone.embed(padded), Layout.padded(mask, torch.tensor([7])))
+        alone = backbone.scores(backbone.embed(ids[None]), Layout.padded(on([[1] * 5]), on([4])))
+        left = backbone.scores(backbone.embed(padded), Layout.padded(on([[0, 0, 0, 1, 1, 1, 1, 1]]), on([7])))
         # the same sequence behind another one in a shared row: attention and positions restart at it
-        other = torch.randint(4, 400, (4,))
-        shared = Layout(segment=torch.tensor([[0] * 4 + [1] * 5]), position=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]),
-                        target_row=torch.tensor([0]), target_col=torch.tensor([8]))
+        other = torch.randint(4, 400, (4,)).to(backbone.device)
+        shared = Layout(segment=on([[0] * 4 + [1] * 5]), position=on([[0, 1, 2, 3, 0, 1, 2, 3, 4]]),
+                        target_row=on([0]), target_col=on([8]), packed=True)
         behind = backbone.scores(backbone.embed(torch.cat([other, ids])[None]), shared)
     assert backbone.packs_rows
-    assert torch.allclose(alone[0], expected, atol=1e-4)
-    assert torch.allclose(left[0], expected, atol=1e-4)
-    assert torch.allclose(behind[0], expected, atol=1e-4)
+    assert torch.allclose(alone[0].cpu(), expected, atol=1e-4)
+    assert torch.allclose(left[0].cpu(), expected, atol=1e-4)
+    assert torch.allclose(behind[0].cpu(), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
@@ -197,7 +198,104 @@ def test_ptuning_is_the_same_at_tp_1_2_and_4(release, merged, lama, tmp_path):
 def test_memory_report_of_the_real_shapes(capsys):
     from model_parallel.memory import main
 
-    assert main(["--config", str(REPO / "configs" / "megatron11b.json")]) == 0
+    assert main(["--config", str(REPO / "configs" / "megatron11b.json"), "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
     assert "parameters: 11,032,246,272 (11.03B)" in out
-    assert "| 8 | 1.38B | 2.6 GiB |" in out and "| 1 | 11.03B | 20.5 GiB |" in out
+    assert "prompt encoder (lstm, 6 pseudo tokens): 132,194,304 parameters" in out  # the paper's ~132M
+    rows = {int(line.split("|")[1]): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert rows[1][0] == "20.5 GiB" and rows[8][0] == "2.6 GiB"  # weights per rank
+    assert rows[8][1] == "6" and rows[1][1] == "41"  # encoders sharded over the group: ceil(41 / tp) per rank
+    assert int(rows[8][-1]) >= 41  # TP 8 packs every LAMA relation
+    assert 15 <= int(rows[1][-1]) < 41  # one 80 GiB GPU packs some (the H100 check measured 17 in 54.6 GiB)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """This rank's next-token logits at the last position of each row of ids."""
+    layout = Layout.padded(torch.ones_like(ids), torch.full((ids.shape[0],), ids.shape[1] - 1))
+    with torch.no_grad():
+        hidden = model(model.embed_tokens(ids), layout.position, layout.allowed(causal=True))
+        return model.logits(hidden[layout.target_row, layout.target_col])
+
+
+def _old_path(folder: Path, tp: int, rank: int, dtype: torch.dtype) -> torch.nn.Module:
+    """How load_megatron built the model before it was built on the meta device: a CPU model initialised, then the
+    whole checkpoint cast and copied in."""
+    from model_parallel.backbone import is_release, read_merged_shard
+    from model_parallel.merge import read_merged_spec
+    from model_parallel.model import MegatronLM
+    from model_parallel.release import load_part
+
+    if is_release(folder):
+        spec, state = read_spec(folder)[0], load_part(folder / PART.format(rank))[1]
+    else:
+        spec, state = read_merged_spec(folder), dict(read_merged_shard(folder, tp, rank))
+    model = MegatronLM(spec, tp=tp, dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return model
+
+
+def _assert_loaded_like_the_old_path(folder: Path, tp: int, rank: int, dtype: torch.dtype) -> None:
+    from model_parallel.backbone import load_megatron_model
+
+    new, old = load_megatron_model(folder, tp, rank, dtype, "cpu"), _old_path(folder, tp, rank, dtype)
+    tensors = {**dict(new.named_parameters()), **dict(new.named_buffers())}
+    assert {t.device.type for t in tensors.values()} == {"cpu"}, "a parameter or buffer left on meta"
+    assert {t.dtype for t in new.parameters()} == {dtype}
+    old_tensors = {**dict(old.named_parameters()), **dict(old.named_buffers())}
+    assert tensors.keys() == old_tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, old_tensors[name]), name
+        assert vars(tensor) == vars(old_tensors[name]), name  # megatron-core's tensor-parallel marks
+    ids = torch.randint(4, 400, (3, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(new, ids), _logits(old, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_meta_built_model_equals_the_old_path(merged, dtype):
+    _assert_loaded_like_the_old_path(merged, 1, 0, dtype)
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_the_meta_built_model_equals_the_old_path_tensor_parallel(tp, release, merged, monkeypatch):
+    """Under torchrun, each rank against the old path: the merged folder at 2, the release's parts at 8."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # this file runs as the workers' script
+    torchrun(tp, str(Path(__file__)), str(release[0] if tp == 8 else merged))
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(merged, tmp_path):
+    from model_parallel.backbone import load_megatron_model
+
+    folder = tmp_path / "deeper"
+    folder.mkdir()
+    for f in merged.iterdir():
+        (folder / f.name).symlink_to(f)
+    config = json.loads((merged / "config.json").read_text())
+    config["spec"]["layers"] = 3
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReleaseError, match=r"(?s)deeper: weights do not fit the model .*Missing key.*layers\.2\."):
+        load_megatron_model(folder, 1, 0, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_megatron_is_made_on_the_device(dtype):
+    from model_parallel.model import random_megatron
+
+    model = random_megatron(SPEC, dtype=dtype, device="cpu", seed=3)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert {t.device.type for t in tensors} == {"cpu"}
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert torch.equal(model.layers[1].final_layer_norm.weight, torch.ones(SPEC.hidden, dtype=dtype))
+    assert 0.015 < float(model.layers[0].fc1.weight.detach().float().std()) < 0.025
+    logits = _logits(model, torch.randint(4, 400, (2, 5)))
+    assert logits.shape == (2, SPEC.vocab_size) and bool(logits.isfinite().all())
+    again = random_megatron(SPEC, dtype=dtype, device="cpu", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+if __name__ == "__main__":  # a worker of test_the_meta_built_model_equals_the_old_path_tensor_parallel
+    from launcher.distributed import init_parallel
+
+    context = init_parallel(int(os.environ["WORLD_SIZE"]))
+    _assert_loaded_like_the_old_path(Path(sys.argv[1]), context.tp_size, context.tp_rank, torch.float32)
