@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LAMA_DATA ?= ../shared/lama
 export LAMA_DATA
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast gpu-check clean
 
 $(VENV)/.installed: setup.py constraints.txt requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not slow"
+
+# On a GPU machine as it comes (torch, transformers, safetensors; peft optional): no venv, no install.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

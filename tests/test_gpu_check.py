@@ -1,0 +1,21 @@
+"""`make gpu-check`'s script at tiny shapes on the CPU, so it cannot rot between GPU leases."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_gpu_check_runs_at_tiny_shapes(lama, tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--data-dir",
+                           str(lama), "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert "errors" not in figures
+    for key in ("matmul_flops", "megatron_build_s", "megatron_auto", "megatron_step_s_1", "megatron_step_s_8",
+                "megatron_eval_facts_per_s", "gpt2_step_over_raw", "gpt2_packing_speedup", "bert_step_over_raw",
+                "bert_packing_speedup"):
+        assert figures[key] > 0, key
+    assert figures["megatron_auto"] == 8  # on a CPU every relation packs (the tiny run caps it at 8)
+    assert proc.stdout.count("\n| ") >= 10 and "| whole check |" in proc.stdout
