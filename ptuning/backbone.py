@@ -74,11 +74,12 @@ class Backbone(Protocol):
 
 
 class HFBackbone:
-    trainable_lm = True  # the LM fine-tuning modes can train it
-    vocab_shard = None  # full logits on every rank
+    vocab_shard = None  # full logits on every rank (under tensor parallelism the LM head gathers them)
 
-    def __init__(self, model: nn.Module, tokenizer, kind: str, bf16: bool = False):
+    def __init__(self, model: nn.Module, tokenizer, kind: str, bf16: bool = False, tensor_parallel: bool = False):
         self.model, self.tokenizer, self.kind, self.bf16 = model, tokenizer, kind, bf16
+        # the LM fine-tuning modes train the LM; a tensor-parallel one (transformers' tp_plan) trains prompts only
+        self.trainable_lm = not tensor_parallel
         self.device = next(model.parameters()).device
         self.hidden_size = model.get_input_embeddings().embedding_dim
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -108,7 +109,10 @@ class HFBackbone:
 
     @property
     def embedding_std(self) -> float:
-        return float(self.model.get_input_embeddings().weight.detach().float().std())
+        weight = self.model.get_input_embeddings().weight.detach()
+        if hasattr(weight, "full_tensor"):  # a DTensor (transformers' tensor parallelism): the whole table
+            weight = weight.full_tensor()
+        return float(weight.float().std())
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids)

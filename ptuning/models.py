@@ -117,6 +117,22 @@ def detect_kind(hf_config) -> str:
     return "causal" if hf_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "masked"
 
 
+def check_tensor_parallel(hf_config, parallel: ParallelContext) -> None:
+    """transformers shards a model over the whole world (tp_plan="auto"): one replica, tensor_parallel = world
+    size, and only for the families it has a plan for."""
+    if not getattr(hf_config, "base_model_tp_plan", None):
+        raise ModelError(
+            f"parallel.tensor_parallel {parallel.tp_size}: transformers has no tensor-parallel plan for "
+            f"'{hf_config.model_type}' models; run it with tensor_parallel 1 (data parallel over relations), or pick "
+            "a family with a plan (Llama, Mistral, Qwen2/3, Gemma, ...), or the Megatron-11B backbone")
+    if parallel.n_groups > 1:
+        raise ModelError(
+            f"parallel.tensor_parallel {parallel.tp_size} with {parallel.world_size} ranks: transformers shards a "
+            "model over every rank of the job, so a Hugging Face model takes tensor_parallel = the number of ranks "
+            f"(--nproc_per_node {parallel.tp_size} on one node); several tensor-parallel replicas side by side are "
+            "not supported yet")
+
+
 def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
     """A Backbone for the configured model: MegatronBackbone for a Megatron-11B folder (the fairseq release or
     a merged one), HFBackbone for everything else."""
@@ -138,10 +154,6 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
                                      resolve_device(cfg.device), cfg.bf16)
             except (ReleaseError, OSError) as error:
                 raise ModelError(f"model.name: {error}") from None
-    if parallel.tp_size > 1:
-        raise ModelError(f"parallel.tensor_parallel {parallel.tp_size}: only the Megatron-11B backbone is "
-                         "tensor-parallel; Hugging Face models run with tensor_parallel 1")
-
     source = _source(cfg)
     try:
         hf_config = AutoConfig.from_pretrained(source)
@@ -153,9 +165,13 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
         ) from None
     kind = detect_kind(hf_config) if cfg.kind == "auto" else cfg.kind
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=DTYPES[cfg.dtype]).to(resolve_device(cfg.device))
+    if parallel.tp_size > 1:
+        check_tensor_parallel(hf_config, parallel)
+        model = auto.from_pretrained(source, dtype=DTYPES[cfg.dtype], tp_plan="auto")
+    else:
+        model = auto.from_pretrained(source, dtype=DTYPES[cfg.dtype]).to(resolve_device(cfg.device))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if kind == "masked" and tokenizer.mask_token is None:
         raise ModelError(f"model.name '{cfg.name}': a masked LM needs a tokenizer with a mask token")
-    return HFBackbone(model, tokenizer, kind, bf16=cfg.bf16)
+    return HFBackbone(model, tokenizer, kind, bf16=cfg.bf16, tensor_parallel=parallel.tp_size > 1)

@@ -80,3 +80,29 @@ def lama_copy(lama, tmp_path) -> Path:
     shutil.copy(lama / "relations.jsonl", root / "relations.jsonl")
     return root
 
+
+
+def _tiny_causal(family: str, lama: Path, folder: Path) -> Path:
+    """A 2-layer random causal LM of a family that transformers can shard (tp_plan="auto"), with the byte-level
+    BPE tokenizer of tiny_gpt2; 4 query and 2 key/value heads, so tensor parallel 2 splits both."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = gpt2_tokenizer(lama, TINY_RELATIONS)
+    families = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = families[family]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          tie_word_embeddings=False)
+    return _save(model_class(config), tokenizer, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(lama, tmp_path_factory) -> Path:
+    return _tiny_causal("llama", lama, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(lama, tmp_path_factory) -> Path:
+    return _tiny_causal("qwen2", lama, tmp_path_factory.mktemp("tiny-qwen2"))

@@ -1,5 +1,6 @@
-"""Run under torchrun: logits and the gradient to inputs_embeds of the Megatron backbone at tensor_parallel =
-world size, written by rank 0 (the test gathers the vocab shards here, the product never does)."""
+"""Run under torchrun: logits and the gradient to inputs_embeds of a backbone (Megatron-11B's, or a Hugging Face
+model through transformers' tensor parallelism) at tensor_parallel = world size, written by rank 0 (the test
+gathers Megatron's vocab shards here, the product never does)."""
 import os
 import sys
 
@@ -22,6 +23,7 @@ layout = Layout.padded(mask, torch.tensor([6, 6, 6]))
 layout.segment[2] = torch.tensor([0, 0, 0, 1, 1, 1, 1])  # a row shared by two facts, scored at both ends
 layout.position[2] = torch.tensor([0, 1, 2, 0, 1, 2, 3])
 layout.target_row, layout.target_col = torch.tensor([0, 1, 2, 2]), torch.tensor([6, 6, 2, 6])
+layout.packed = True
 embeds = backbone.embed(ids).detach().requires_grad_(True)
 logits = backbone.scores(embeds, layout)
 weights = torch.randn(4, backbone.vocab_size)

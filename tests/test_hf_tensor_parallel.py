@@ -1,0 +1,65 @@
+"""Hugging Face models through transformers' tensor parallelism (tp_plan="auto", DTensor; gloo on the CPU), with
+the rank-aware prompt encoders of the Megatron backbone. transformers shards over the whole job: one replica."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ptuning.config import ModelConfig
+from ptuning.models import ModelError, load_backbone
+from ptuning.parallel import ParallelContext
+from ptuning.results import load_tensors
+from ptuning.store import RunStore
+from tests.conftest import REPO
+from tests.test_megatron import torchrun
+
+RELATIONS = "P1376,P36,P37,P1001"
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
+def test_tp_2_equals_tp_1_on_logits_and_input_gradients(family, request, tmp_path):
+    model = request.getfixturevalue(family)
+    worker = str(REPO / "tests" / "megatron_tp_worker.py")
+    torchrun(1, worker, str(model), str(model), str(tmp_path / "tp1.pt"))
+    torchrun(2, worker, str(model), str(model), str(tmp_path / "tp2.pt"))
+    one, two = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / "tp2.pt")
+    assert two["logits"].shape == one["logits"].shape  # 4 facts, one row shared by two of them
+    assert torch.allclose(two["logits"], one["logits"], atol=1e-5)
+    scale = one["grad"].abs().max()
+    assert scale > 0 and (two["grad"] - one["grad"]).abs().max() <= 1e-5 * scale
+
+
+def run_args(model, lama, out, *extra: str) -> list[str]:
+    return [str(REPO / "launcher" / "run.py"), "--set", f"model.name={model}", "--relations", RELATIONS,
+            "--data-dir", str(lama), "--out", str(out), "--set", "data.max_train=16", "--set", "data.max_dev=12",
+            "--set", "data.max_test=20", "--set", "train.max_epochs=2", "--set", "train.lr=0.01", "--set",
+            "logging.wandb=false", *extra]
+
+
+def test_ptuning_at_tp_2_equals_tp_1(tiny_llama, lama, tmp_path):
+    """Two epochs at TP 1 and at TP 2 (encoders sharded over the pair): the same P@1, and the same encoder weights
+    up to what tensor parallelism's other summation order does through Adam."""
+    results = {}
+    for tp in (1, 2):
+        torchrun(tp, *run_args(tiny_llama, lama, tmp_path / f"tp{tp}", "--set", f"parallel.tensor_parallel={tp}"))
+        results[tp] = json.loads((tmp_path / f"tp{tp}" / "results.json").read_text())["relations"]
+        assert {r["status"] for r in results[tp].values()} == {"done"}
+    for rid in RELATIONS.split(","):
+        for key in ("dev_p@1", "test_p@1", "best_epoch", "dev_history"):
+            assert results[1][rid][key] == results[2][rid][key], (rid, key)
+        wa = load_tensors(RunStore(tmp_path / "tp1").encoder_path(rid))
+        wb = load_tensors(RunStore(tmp_path / "tp2").encoder_path(rid))
+        diffs = torch.cat([(wa[n] - wb[n]).abs().flatten() for n in wa])
+        # most within 1e-5; Adam lifts rounding on components whose gradient is ~0 (see test_megatron.py)
+        assert (diffs > 1e-5).float().mean() < 1e-3 and diffs.max() <= 0.01 * 4, rid
+
+
+def test_what_transformers_cannot_shard_is_a_clear_error(tiny_gpt2, tiny_llama):
+    """Said before any weight or process group is touched: GPT-2 has no tensor-parallel plan in transformers, and
+    transformers shards over the whole job (no replicas side by side)."""
+    with pytest.raises(ModelError, match=r"no tensor-parallel plan for 'gpt2' models; run it with tensor_parallel 1"):
+        load_backbone(ModelConfig(name=str(tiny_gpt2)), ParallelContext(world_size=2, tp_size=2, n_groups=1))
+    with pytest.raises(ModelError, match=r"takes tensor_parallel = the number of ranks"):
+        load_backbone(ModelConfig(name=str(tiny_llama)), ParallelContext(world_size=4, tp_size=2, n_groups=2))
