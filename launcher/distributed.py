@@ -76,14 +76,19 @@ def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False, device: s
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
         tp_group = parallel_state.get_tensor_model_parallel_group()
+        # host-side agreement inside a group (stop requests, the pack size) over gloo: no GPU sync. Made here,
+        # where every rank passes, since every rank must create every group
+        control = tp_group if dist.get_backend() == "gloo" else [
+            dist.new_group(list(range(start, start + tensor_parallel)), backend="gloo", timeout=GROUP_TIMEOUT)
+            for start in range(0, world, tensor_parallel)][rank // tensor_parallel]
     else:
         # every rank creates every group, in the same order (torch.distributed requires it)
         tp_groups = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)]
-        tp_group = tp_groups[rank]
+        tp_group, control = tp_groups[rank], None
     solo = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)] if solo_groups else None
     return ParallelContext(rank=rank, world_size=world, group_index=rank // tensor_parallel,
                            n_groups=world // tensor_parallel, tp_size=tensor_parallel,
-                           tp_rank=rank % tensor_parallel, tp_group=tp_group, device=chosen,
+                           tp_rank=rank % tensor_parallel, tp_group=tp_group, tp_control=control, device=chosen,
                            solo_group=solo[rank] if solo else None)
 
 

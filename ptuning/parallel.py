@@ -23,6 +23,7 @@ class ParallelContext:
     tp_size: int = 1
     tp_rank: int = 0  # rank inside the tensor-parallel group
     tp_group: Any = None  # torch.distributed group of this rank's tensor-parallel peers (None: no peers)
+    tp_control: Any = None  # the same peers over gloo, for host-side agreement (None: no peers)
     device: torch.device | None = None  # None: the config's model.device
     solo_group: Any = None  # a process group of this rank alone (DeepSpeed's data-parallel group), when needed
 
@@ -44,6 +45,15 @@ class ParallelContext:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def agree(self, value: int, op: str = "max") -> int:
+        """The max (or min) of an integer over this rank's tensor-parallel peers: decisions every peer must share
+        (stop after this step, how many relations to pack), taken on the host."""
+        if self.tp_control is None:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=self.tp_control)
+        return int(tensor.item())
 
     def sync_module(self, module: torch.nn.Module) -> None:
         """Make a module identical across the tensor-parallel group: broadcast from its first rank."""

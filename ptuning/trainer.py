@@ -251,6 +251,7 @@ class Trainer:
             return pack or n_tasks
         plan = capacity.plan_for(self.backbone, self.cfg, self.parallel.tp_size if self.bank.sharded else 1)
         chosen = min(n_tasks, plan.relations) if plan.relations is not None else n_tasks
+        chosen = self.parallel.agree(chosen, "min")  # peers' free memory may differ; their packs may not
         self.progress(f"pack_relations auto: {max(1, chosen)} of {n_tasks} relations per pack ({plan.reason})")
         return max(1, chosen)
 

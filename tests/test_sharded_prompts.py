@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -72,39 +73,75 @@ def test_sharded_encoders_equal_replicated_ones(tp, release, merged, lama, tmp_p
         assert diffs.max() <= 1e-5, (rid, diffs.max().item(), (diffs > 1e-5).float().mean().item())
 
 
-def test_kill_9_with_sharded_encoders_then_restart_equals_an_uninterrupted_run(release, merged, lama, tmp_path):
-    """At TP 2 each relation's checkpoint is written by the rank that holds its encoder; after kill -9 the other
-    relation (finished) is skipped, and the unfinished one resumes on whichever rank now owns it."""
-    extra = ("--set", "parallel.tensor_parallel=2", "--set", "train.pack_relations=1", "--set",
-             "data.max_train=48", "--set", "train.max_epochs=12", "--set", "train.patience=12", "--set",
-             "output.checkpoint_minutes=0")
-    torchrun(2, *run_args(release, merged, lama, tmp_path / "whole", *extra))
+INTERRUPTED = ("--set", "parallel.tensor_parallel=2", "--set", "train.pack_relations=1", "--set", "data.max_train=48",
+               "--set", "train.max_epochs=12", "--set", "train.patience=12", "--set", "output.checkpoint_minutes=0")
 
-    out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29721",
-                             *run_args(release, merged, lama, out, *extra)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store = RunStore(out)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # P36 (rank 0's) finished, P37 (rank 1's) a few epochs in
-        done = (store.result("P36") or {}).get("status") == "done"
-        if done and len((store.progress("P37") or {}).get("dev_history", [])) >= 3:
-            break
-        time.sleep(0.02)
-    # torchrun and both ranks at once (the ranks run in sessions of their own: match them by the output folder)
-    subprocess.run(["pkill", "-KILL", "-f", str(out)], check=True)
-    proc.wait()
-    assert (store.result("P37") or {}).get("status") != "done", "the run finished before it could be killed"
-    assert store.checkpoint_path("P37").is_file()
 
-    restarted = torchrun(2, *run_args(release, merged, lama, out, *extra))
-    log = restarted.stderr
-    assert "already final, skipped: P36" in log and "P37: resuming after epoch" in log, log[-3000:]
-    a = json.loads((tmp_path / "whole" / "results.json").read_text())["relations"]
+@pytest.fixture(scope="module")
+def whole(release, merged, lama, tmp_path_factory):
+    """The interrupted runs' reference at TP 2: the same settings, never stopped."""
+    out = tmp_path_factory.mktemp("whole-tp2")
+    torchrun(2, *run_args(release, merged, lama, out, *INTERRUPTED))
+    return out
+
+
+def assert_same_as(whole, out) -> None:
+    a = json.loads((whole / "results.json").read_text())["relations"]
     b = json.loads((out / "results.json").read_text())["relations"]
     for rid in RELATIONS:
         for key in ("dev_p@1", "test_p@1", "test_p@10", "test_mrr", "best_epoch", "epochs_run", "dev_history"):
             assert a[rid][key] == b[rid][key], (rid, key)
-    wa, wb = load_tensors(RunStore(tmp_path / "whole").encoder_path("P37")), load_tensors(store.encoder_path("P37"))
-    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+        wa, wb = load_tensors(RunStore(whole).encoder_path(rid)), load_tensors(RunStore(out).encoder_path(rid))
+        assert all(torch.equal(wa[n], wb[n]) for n in wa), rid
+
+
+def start(release, merged, lama, out, port: int) -> tuple[subprocess.Popen, RunStore]:
+    """A TP 2 run in the background, returned once P36 (rank 0's) is final and P37 (rank 1's) 3 epochs in."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+                             *run_args(release, merged, lama, out, *INTERRUPTED)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    store = RunStore(out)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = (store.result("P36") or {}).get("status") == "done"
+        if done and len((store.progress("P37") or {}).get("dev_history", [])) >= 3:
+            break
+        time.sleep(0.02)
+    return proc, store
+
+
+def test_kill_9_with_sharded_encoders_then_restart_equals_an_uninterrupted_run(whole, release, merged, lama,
+                                                                                tmp_path):
+    """Each relation's checkpoint is written by the rank that holds its encoder; after kill -9 the finished
+    relation is skipped and the other resumes on whichever rank now owns it (P37 moves from rank 1 to rank 0)."""
+    proc, store = start(release, merged, lama, tmp_path, 29721)
+    # torchrun and both ranks at once (the ranks run in sessions of their own: match them by the output folder)
+    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=True)
+    proc.wait()
+    assert (store.result("P37") or {}).get("status") != "done", "the run finished before it could be killed"
+    assert store.checkpoint_path("P37").is_file()
+
+    log = torchrun(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
+    assert "already final, skipped: P36" in log and "P37: resuming after epoch" in log, log[-3000:]
+    assert_same_as(whole, tmp_path)
+
+
+def test_sigterm_to_one_rank_stops_the_group_after_the_same_step(whole, release, merged, lama, tmp_path):
+    """A signal that reaches one rank only (rank 0, which holds nothing now) still stops both after the same
+    step: the owner of P37 checkpoints it mid-epoch, neither waits for the other, and the restart is exact."""
+    proc, store = start(release, merged, lama, tmp_path, 29722)
+    ranks = subprocess.run(["pgrep", "-f", f"launcher/run.py.*{tmp_path}"], capture_output=True, text=True)
+    pids = [int(p) for p in ranks.stdout.split()]
+    environ = {p: dict(v.split("=", 1) for v in open(f"/proc/{p}/environ").read().split("\0") if "=" in v)
+               for p in pids}
+    rank0 = [p for p, env in environ.items() if env.get("RANK") == "0"]
+    assert len(rank0) == 1, pids
+    os.kill(rank0[0], signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert "stop requested (SIGTERM): checkpointed P37" in stderr  # said by rank 1, which got no signal
+    assert (store.result("P37") or {}).get("status") != "done" and store.checkpoint_path("P37").is_file()
+
+    log = torchrun(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
+    assert "P37: resuming" in log
+    assert_same_as(whole, tmp_path)
