@@ -157,7 +157,7 @@ def render_script(opts: argparse.Namespace, run_argv: list[str], out_dir: Path,
         command = deepspeed_node_command(opts.gpus_per_node, procs, out_dir)
     lines += [
         "requeue() {",
-        '  echo "[ptuning-lama] time limit near: stopping the ranks and requeueing; they checkpoint their relations first"',
+        '  echo "[ptuning-lama] time limit near: stopping the ranks and requeueing (they checkpoint first)"',
         # SIGTERM to the job's steps (the ranks), not to srun: srun takes a TERM as "cancel the step" and kills
         # the ranks before they can checkpoint; signalled directly, each ends its step, checkpoints and exits
         '  scancel --signal=TERM "$SLURM_JOB_ID"; wait "$CHILD"',
