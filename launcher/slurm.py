@@ -149,7 +149,10 @@ def render_script(opts: argparse.Namespace, run_argv: list[str], out_dir: Path,
               'echo "[ptuning-lama] job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart ${SLURM_RESTART_COUNT:-0}"',
               # the cores SLURM gave each node's task (all of the node's under --exclusive), shared by its ranks
               "CPUS=${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}",
-              f"export OMP_NUM_THREADS=$(( CPUS / {procs} > 0 ? CPUS / {procs} : 1 ))"]
+              f"export OMP_NUM_THREADS=$(( CPUS / {procs} > 0 ? CPUS / {procs} : 1 ))",
+              # torchrun gives its ranks this long after a SIGTERM before it kills them (default 30 s): an 11B
+              # rank writes ~2 GB of checkpoint per relation it holds. The deepspeed launcher's wait is fixed (30 s)
+              f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={max(30, opts.signal_seconds - 30)}"]
     if opts.launcher == "torchrun":
         command = (f"exec {Path(sys.executable).parent / 'torchrun'} --nnodes=$SLURM_NNODES --nproc_per_node={procs} "
                    f"--rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint=$HEAD:$PORT \"$@\"")

@@ -86,7 +86,17 @@ class MegatronBackbone:
 
     @property
     def embedding_std(self) -> float:
-        return float(self.model.embed_tokens.weight.detach().float().std())
+        """Of the whole table: under tensor parallelism each rank holds a slice of the vocabulary, so the count,
+        sum and sum of squares are added across the group (every rank calls this)."""
+        weight = self.model.embed_tokens.weight.detach().float()
+        moments = torch.stack([torch.tensor(float(weight.numel()), device=weight.device), weight.sum(),
+                               weight.square().sum()]).double()
+        if self.vocab_shard is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(moments, group=self.vocab_shard.group)
+        n, total, squares = moments.tolist()
+        return ((squares - total * total / n) / (n - 1)) ** 0.5
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids)

@@ -28,8 +28,9 @@ class Batch:
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Tensors built on the CPU, moved in ONE pinned, non-blocking copy: on a GPU a batch costs one transfer and
-    no host sync (a plain copy from pageable memory waits for the GPU's queue to drain)."""
+    """Tensors of one dtype built on the CPU, moved in ONE pinned, non-blocking copy: on a GPU a batch costs one
+    transfer per dtype (its integers; the loss weights) and no host sync (a plain copy from pageable memory waits
+    for the GPU's queue to drain)."""
     if device.type == "cpu":
         return tensors
     flat = torch.cat([t.flatten() for t in tensors]).pin_memory().to(device, non_blocking=True)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ptuning.backbone import backbone_dtype
 from ptuning.encoders import PromptEncoder
+from ptuning.templates import default_counts
 
 GIB = 2**30
 RESERVE = 0.10  # of the device's memory: the CUDA context, allocator fragmentation, kernels' workspaces
@@ -67,8 +69,8 @@ def activation_bytes(shape: Shape, facts: int, tokens: int, tp: int, bytes_per: 
     """Per rank, what autograd keeps for backward to the inputs through a FROZEN layer, for `facts` facts of
     `tokens` tokens: the two LayerNorms' inputs, this rank's q/k/v and attention output (fused attention keeps no
     probabilities), and fc1's output for GELU's backward (a frozen linear layer keeps only its weight); and the
-    fp32 logits at the targets with their gradient. Measured on an H100 at 11B (docs/BENCHMARKS.md): the peak
-    stays below this plus the encoder state."""
+    fp32 logits at the targets with their gradient. Fitted to an H100 run at 11B (docs/BENCHMARKS.md): with the
+    encoder state it matched the peak for 1 relation and was above it for 8 and 17."""
     per_token = (2 * shape.hidden + 4 * shape.hidden // tp + shape.ffn // tp) * bytes_per
     return shape.layers * facts * tokens * per_token + 2 * facts * (shape.vocab // tp) * 4
 
@@ -101,9 +103,6 @@ def plan_for(backbone, cfg, tp_shards: int) -> Plan:
     free, total = torch.cuda.mem_get_info(device)
     usable = free - int(RESERVE * total)
     shape = shape_of(backbone)
-    from ptuning.backbone import backbone_dtype
-    from ptuning.templates import default_counts
-
     counts = tuple(cfg.prompt.template or default_counts(backbone.kind))
     encoder = device_encoder_bytes(encoder_parameters(sum(counts), backbone.hidden_size, cfg.prompt.encoder))
     bytes_per = 4 if backbone_dtype(backbone) == torch.float32 else 2

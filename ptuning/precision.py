@@ -47,5 +47,3 @@ class LossScaler:
     def state_dict(self) -> dict:
         return {"scale": self.scale, "clean_steps": self.clean_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.scale, self.clean_steps = state["scale"], state["clean_steps"]

@@ -109,7 +109,9 @@ class RunStore:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # memory-mapped: every rank of a group reads each checkpoint for its schedule; only the owner
+            # touches the ~2 GB of encoder and optimizer state
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # a truncated or foreign file: say which, and how to go on
             raise DataError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error}); delete it to "
                             f"restart {relation} from scratch") from None

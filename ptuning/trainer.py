@@ -45,6 +45,7 @@ class RelationRun:
         self.task, self.template, self.encoder = task, template, encoder
         self.index = index  # position in the trained list: decides the owner rank (PromptBank)
         self.writes = writes  # this rank writes the relation's checkpoint, prompts and record
+        self.holds = True  # this rank keeps the relation's trainable state (False: another rank of the group does)
         self.n_pseudo = getattr(template, "n_pseudo", 0)
         self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]])
                      for s in SPLITS}
@@ -75,7 +76,7 @@ class RelationRun:
 
     def decay_lr(self, gamma: float) -> None:
         """ExponentialLR, once per epoch of this relation."""
-        if self.optimizer is None:  # another rank holds this relation's encoder
+        if not self.holds:
             return
         for group in self.optimizer.param_groups:
             group["lr"] *= gamma
@@ -107,7 +108,7 @@ class RelationRun:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
-        if self.optimizer is not None:
+        if self.holds:
             self.optimizer.load_state_dict(state["optimizer"])
             self.best_state = state["best_state"]
         if self.encoder is not None:
@@ -135,6 +136,8 @@ class Trainer:
         self.shard = backbone.vocab_shard
         self.uses_prompts = cfg.train.mode != "finetune"
         self.counts = tuple(cfg.prompt.template or default_counts(backbone.kind))
+        # on every rank, once: under tensor parallelism reading the embedding's spread is a collective
+        self.embedding_std = backbone.embedding_std if self.uses_prompts else 1.0
         self.bank = PromptBank(self.parallel, cfg.parallel.shard_prompts and not self.tune_lm,
                                backbone.hidden_size, backbone.device)
         self.scaler = LossScaler(self.parallel) if backbone_dtype(backbone) == torch.float16 else None
@@ -172,7 +175,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = PromptEncoder(template.n_pseudo, self.backbone.hidden_size, self.cfg.prompt.encoder,
-                                    self.cfg.prompt.lstm_dropout, self.backbone.embedding_std)
+                                    self.cfg.prompt.lstm_dropout, self.embedding_std)
         if init is not None:
             encoder.init_from(init)
         encoder = encoder.to(self.backbone.device)
@@ -252,7 +255,8 @@ class Trainer:
         plan = capacity.plan_for(self.backbone, self.cfg, self.parallel.tp_size if self.bank.sharded else 1)
         chosen = min(n_tasks, plan.relations) if plan.relations is not None else n_tasks
         chosen = self.parallel.agree(chosen, "min")  # peers' free memory may differ; their packs may not
-        self.progress(f"pack_relations auto: {max(1, chosen)} of {n_tasks} relations per pack ({plan.reason})")
+        self.progress(f"pack_relations auto: {max(1, chosen)} of {n_tasks} relations per pack ({plan.reason})"
+                      + ("; WARNING: by this estimate not even one fits, trying one" if chosen < 1 else ""))
         return max(1, chosen)
 
     def train(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None],
@@ -284,7 +288,8 @@ class Trainer:
             torch.manual_seed(seed)  # dropout in the fine-tuned LM
             groups.append({"params": self.backbone.unfreeze(), "lr": self.cfg.train.lm_lr})
         if not groups:
-            return run  # another rank of the group holds this relation's encoder
+            run.holds = False  # another rank of the group holds this relation's encoder
+            return run
         if self.tune_lm and self.cfg.deepspeed is not None:
             run.engine, run.optimizer = self._deepspeed(encoder, groups)
         else:
@@ -367,8 +372,8 @@ class Trainer:
         run.load_state_dict(state)
         if self.tune_lm:
             self.backbone.model.load_state_dict(state["lm"])
-        if self.scaler is not None and "loss_scale" in state:
-            self.scaler.load_state_dict(state["loss_scale"])
+        if self.scaler is not None and "loss_scale" in state:  # one scale for the pack: the most cautious
+            self.scaler.scale = min(self.scaler.scale, state["loss_scale"]["scale"])
 
     def _loss(self, runs: list[RelationRun]) -> torch.Tensor:
         """The next micro-batch of every relation, packed: the sum over relations of each one's mean row loss,
@@ -418,8 +423,8 @@ class Trainer:
 
     def _snapshot(self, run: RelationRun) -> dict | None:
         """The best epoch's weights, in host memory: on a GPU the device keeps only what the steps use."""
-        if run.optimizer is None:
-            return None  # another rank holds this relation's encoder
+        if not run.holds:
+            return None
         state = {}
         if run.encoder is not None:
             state["encoder"] = {k: v.detach().to("cpu", copy=True) for k, v in run.encoder.state_dict().items()}

@@ -15,7 +15,7 @@ from ptuning.store import RunStore
 from tests.conftest import REPO
 from tests.test_megatron import torchrun
 
-RELATIONS = "P1376,P36,P37,P1001"
+RELATIONS = "P1376,P36,P37"  # three: at TP 2 rank 0 holds two encoders, rank 1 one (an uneven split once hung)
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])
@@ -43,7 +43,8 @@ def test_ptuning_at_tp_2_equals_tp_1(tiny_llama, lama, tmp_path):
     up to what tensor parallelism's other summation order does through Adam."""
     results = {}
     for tp in (1, 2):
-        torchrun(tp, *run_args(tiny_llama, lama, tmp_path / f"tp{tp}", "--set", f"parallel.tensor_parallel={tp}"))
+        torchrun(tp, *run_args(tiny_llama, lama, tmp_path / f"tp{tp}", "--set", f"parallel.tensor_parallel={tp}",
+                               "--set", "prompt.init=manual"))
         results[tp] = json.loads((tmp_path / f"tp{tp}" / "results.json").read_text())["relations"]
         assert {r["status"] for r in results[tp].values()} == {"done"}
     for rid in RELATIONS.split(","):
