@@ -139,7 +139,9 @@ def test_sigterm_to_one_rank_stops_the_group_after_the_same_step(whole, release,
     assert len(rank0) == 1, pids
     os.kill(rank0[0], signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # each rank ended with status 143 (stopped), which torchrun reports as a failure
     assert "stop requested (SIGTERM): checkpointed P37" in stderr  # said by rank 1, which got no signal
+    assert stderr.count("stopped by SIGTERM after checkpointing its relations under way; run the same command") == 2
     assert (store.result("P37") or {}).get("status") != "done" and store.checkpoint_path("P37").is_file()
 
     log = torchrun(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
