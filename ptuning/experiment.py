@@ -16,7 +16,6 @@ import torch
 
 from ptuning.config import ExperimentConfig
 from ptuning.coordinator import Coordinator
-from ptuning.encoders import PromptEncoder
 from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, select_relations
 from ptuning.models import load_backbone
 from ptuning.parallel import ParallelContext, balance
@@ -197,17 +196,17 @@ class _Worker:
         loaded = []
         for task in tasks:  # every rank evaluates with every saved encoder: no optimizer state, little memory
             template = self.trainer.ptuning_template(task)
-            encoder = PromptEncoder(template.n_pseudo, self.trainer.backbone.hidden_size, self.cfg.prompt.encoder)
+            encoder = self.trainer.new_encoder(template, seed=0)
             try:
                 encoder.load_state_dict(self.store.load_encoder_state(task.id))
             except RuntimeError as error:
                 raise DataError(f"{self.store.encoder_path(task.id)}: does not fit the configured prompt encoder "
                                 f"({error})") from None
-            loaded.append((task, encoder.to(self.trainer.backbone.device), template))
+            loaded.append((task, encoder, template))
+        with torch.no_grad():
+            vectors = [enc() for _, enc, _ in loaded]
         metrics = {}
         for split in ("dev", "test"):
-            with torch.no_grad():
-                vectors = [enc() for _, enc, _ in loaded]
             items = [(vec, tpl.rows([e.subject for e in t.splits[split]], [e.label for e in t.splits[split]]))
                      for vec, (t, _, tpl) in zip(vectors, loaded)]
             metrics[split] = self.trainer.evaluate(items)

@@ -40,12 +40,11 @@ class RelationRun:
     """The training state of one relation. Every rank of a tensor-parallel group keeps its schedule (order, epochs,
     early stopping); only the rank that holds its encoder keeps the encoder, optimizer and best state."""
 
-    def __init__(self, task: RelationTask, template, encoder: PromptEncoder | None, seed: int, index: int = 0,
+    def __init__(self, task: RelationTask, template, encoder: PromptEncoder | None, seed: int, holds: bool = True,
                  writes: bool = True):
         self.task, self.template, self.encoder = task, template, encoder
-        self.index = index  # position in the trained list: decides the owner rank (PromptBank)
+        self.holds = holds  # this rank keeps the relation's trainable state (False: another rank of the group does)
         self.writes = writes  # this rank writes the relation's checkpoint, prompts and record
-        self.holds = True  # this rank keeps the relation's trainable state (False: another rank of the group does)
         self.n_pseudo = getattr(template, "n_pseudo", 0)
         self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]])
                      for s in SPLITS}
@@ -144,13 +143,14 @@ class Trainer:
         self.stop = StopSignal(self.parallel)
         self._pristine_lm = ({k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
                              if self.tune_lm else None)
-        rows = (f"facts share rows of up to {cfg.train.row_tokens} tokens" if backbone.packs_rows and
-                cfg.train.row_tokens else "one fact per row" + ("" if backbone.packs_rows else
-                                                                 " (this model's attention takes no shared rows)"))
-        self.progress(f"layout: {rows}; prompt encoders "
-                      + (f"sharded over {self.parallel.tp_size} tensor-parallel ranks" if self.bank.sharded
-                         else "on every rank")
-                      + ("; fp16 loss scaling" if self.scaler else ""))
+        if not backbone.packs_rows:
+            rows = "one fact per row (this model's attention takes no shared rows)"
+        elif cfg.train.row_tokens:
+            rows = f"facts share rows of up to {cfg.train.row_tokens} tokens"
+        else:
+            rows = "one fact per row (train.row_tokens 0)"
+        homes = f"sharded over {self.parallel.tp_size} tensor-parallel ranks" if self.bank.sharded else "on every rank"
+        self.progress(f"layout: {rows}; prompt encoders {homes}" + ("; fp16 loss scaling" if self.scaler else ""))
 
     # ---- templates and encoders -------------------------------------------------------------------------------
     def manual_template(self, task: RelationTask) -> ManualTemplate:
@@ -279,7 +279,9 @@ class Trainer:
         template = self.ptuning_template(task) if self.uses_prompts else self.manual_template(task)
         hold = self.bank.holds(index)
         encoder = self.new_encoder(template, seed, hold) if self.uses_prompts else None
-        run = RelationRun(task, template, encoder, seed, index, self.bank.writes(index))
+        run = RelationRun(task, template, encoder, seed, hold, self.bank.writes(index))
+        if not hold:
+            return run  # another rank of the group holds this relation's encoder
         groups = []
         if encoder is not None:
             groups.append({"params": list(encoder.parameters()), "lr": self.cfg.train.lr})
@@ -287,9 +289,6 @@ class Trainer:
             self.backbone.model.load_state_dict(self._pristine_lm)
             torch.manual_seed(seed)  # dropout in the fine-tuned LM
             groups.append({"params": self.backbone.unfreeze(), "lr": self.cfg.train.lm_lr})
-        if not groups:
-            run.holds = False  # another rank of the group holds this relation's encoder
-            return run
         if self.tune_lm and self.cfg.deepspeed is not None:
             run.engine, run.optimizer = self._deepspeed(encoder, groups)
         else:
