@@ -84,6 +84,10 @@ class MegatronBackbone:
         self.model.eval()  # no dropout in the frozen model
         self.model.requires_grad_(False)
 
+    def dropout(self, active: bool) -> None:
+        """Train mode (fairseq's dropout on) or eval mode; the weights stay frozen either way."""
+        self.model.train(active)
+
     @property
     def embedding_std(self) -> float:
         """Of the whole table: under tensor parallelism each rank holds a slice of the vocabulary, so the count,

@@ -4,6 +4,11 @@
     72 x [ x += out_proj(attn(LN(x)));  x += fc2(gelu(fc1(LN(x)))) ]      pre-LayerNorm, causal
     logits = LN(x) @ embed_tokens.T                             tied output projection
 
+fairseq's dropout sits where fairseq has it (after the embeddings, on the attention weights, after out_proj and
+fc2, after the activation) and acts only in train mode: the frozen model is in eval mode unless the reference
+protocol's lm_dropout asks for the reference's model.train(). Ranks of a tensor-parallel group draw the same masks
+for the replicated activations because they hold the same RNG state and draw the same shapes.
+
 Prompt vectors enter as inputs_embeds and, like the subject's token embeddings, get the sqrt(hidden) scale inside
 the model, as the reference P-tuning code did when it passed embeddings through fairseq's decoder.
 
@@ -97,6 +102,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = spec.heads // layers.tp  # this rank's heads
         self.head_dim = spec.hidden // spec.heads
+        self.attention_dropout = spec.attention_dropout
         self.q_proj = layers.column(spec.hidden, spec.hidden)
         self.k_proj = layers.column(spec.hidden, spec.hidden)
         self.v_proj = layers.column(spec.hidden, spec.hidden)
@@ -106,7 +112,8 @@ class SelfAttention(nn.Module):
         b, t, _ = x.shape
         q, k, v = (_out(proj(x)).view(b, t, self.heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale head_dim**-0.5, as fairseq
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,  # scale head_dim**-0.5, as fairseq
+                                             dropout_p=self.attention_dropout if self.training else 0.0)
         return _out(self.out_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)))
 
 
@@ -118,10 +125,12 @@ class DecoderLayer(nn.Module):
         self.fc1 = layers.column(spec.hidden, spec.ffn)
         self.fc2 = layers.row(spec.ffn, spec.hidden)
         self.final_layer_norm = layers.norm(spec.hidden)
+        self.dropout, self.activation_dropout = spec.dropout, spec.activation_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
-        return x + _out(self.fc2(F.gelu(_out(self.fc1(self.final_layer_norm(x))))))
+        x = x + F.dropout(self.self_attn(self.self_attn_layer_norm(x), mask), self.dropout, self.training)
+        hidden = F.dropout(F.gelu(_out(self.fc1(self.final_layer_norm(x)))), self.activation_dropout, self.training)
+        return x + F.dropout(_out(self.fc2(hidden)), self.dropout, self.training)
 
 
 class MegatronLM(nn.Module):
@@ -137,6 +146,7 @@ class MegatronLM(nn.Module):
         self.layer_norm = layers.norm(spec.hidden)
         self.embed_scale = math.sqrt(spec.hidden) if spec.scale_embedding else 1.0
         self.register_buffer("positions_table", _positions_table(spec).to(device), persistent=False)
+        self.eval()  # a frozen LM: no dropout unless train mode is asked for
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -146,6 +156,7 @@ class MegatronLM(nn.Module):
         fairseq's positions start after the padding index); allowed: (B, 1, T, T) which keys each query sees."""
         x = self.embed_scale * inputs_embeds + self.positions_table[position + self.spec.padding_idx + 1].to(
             inputs_embeds.dtype)
+        x = F.dropout(x, self.spec.dropout, self.training)
         for layer in self.layers:
             x = layer(x, allowed)
         return self.layer_norm(x)

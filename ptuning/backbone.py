@@ -68,6 +68,8 @@ class Backbone(Protocol):
     trainable_lm: bool
     packs_rows: bool  # whether scores() takes layouts with several facts in a row
 
+    def dropout(self, active: bool) -> None: ...  # the model's dropout on (train mode) or off (eval mode)
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
 
     def scores(self, inputs_embeds: torch.Tensor, layout: Layout) -> torch.Tensor: ...
@@ -100,6 +102,10 @@ class HFBackbone:
     def freeze(self) -> None:
         self.model.eval()
         self.model.requires_grad_(False)
+
+    def dropout(self, active: bool) -> None:
+        """Train mode (dropout on: the reference protocol's lm_dropout) or eval mode; the weights stay frozen."""
+        self.model.train(active)
 
     def unfreeze(self) -> list[nn.Parameter]:
         """For the fine-tuning modes: train mode (dropout on, as the paper fine-tuned) and trainable weights."""

@@ -112,6 +112,40 @@ class ParallelConfig:
     shard_prompts: bool = True
 
 
+QUIRKS = ("causal_loss_shift", "mask_before_subject", "lm_dropout", "latest_tie", "drop_last",
+          "last_epoch_unevaluated", "lm_fp16", "bpe_spaces")
+
+
+@dataclass
+class ProtocolConfig:
+    """What the paper describes (paper) or what THUDM's LAMA code did (reference). Each quirk of the reference can
+    be set on its own; one left unset follows `name`. After loading every quirk is true or false."""
+    name: str = field(default="paper", metadata=_choices("paper", "reference"))
+    # causal LMs: train the logits one position before the scored one (the reference put the label at the last
+    # position and let Hugging Face shift it: the loss is at L-2, evaluation at L-1)
+    causal_loss_shift: bool | None = None
+    # masked LMs: [CLS] P*t0 [MASK] P*t1 subject ... (the mask before the subject; THUDM/P-tuning#40)
+    mask_before_subject: bool | None = None
+    lm_dropout: bool | None = None  # the frozen LM in train mode while prompts train: its dropout is active
+    latest_tie: bool | None = None  # dev selection by >=: the latest tied epoch wins, and a tie resets patience
+    drop_last: bool | None = None  # each epoch drops its last incomplete training batch
+    # dev is evaluated after epochs 1..max_epochs-1 only (the reference trains a last epoch it never evaluates;
+    # here that epoch is not run, since it cannot be selected)
+    last_epoch_unevaluated: bool | None = None
+    lm_fp16: bool | None = None  # the LM's weights in float16, without loss scaling
+    # BPE tokenizers: manual prompts start with a space and, for causal LMs, end with the space before [Y] (a lone
+    # 'Ġ' token whose position is scored); masked templates with t2 = 0 end with '.' rather than 'Ġ.'
+    bpe_spaces: bool | None = None
+
+    def quirks(self) -> dict[str, bool]:
+        return {q: getattr(self, q) for q in QUIRKS}
+
+    def describe(self) -> str:
+        """'paper', 'reference', or the name with the quirks set otherwise, e.g. 'paper + latest_tie'."""
+        base = self.name == "reference"
+        return self.name + "".join(f" {'-' if base else '+'} {q}" for q, on in self.quirks().items() if on != base)
+
+
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -121,6 +155,7 @@ class ExperimentConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     # A DeepSpeed config (zero_optimization, bf16, fp16, ...). When present, the LM fine-tuning modes put their
     # trainable parameters through deepspeed.initialize; prompt-only runs keep the plain per-relation Adam.
     deepspeed: dict | None = None
@@ -201,6 +236,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentC
     for name, values in raw.items():
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+        if name == "protocol" and isinstance(values, str):  # "protocol": "reference" names the base alone
+            values = {"name": values}
         if name == "deepspeed":  # passed through to DeepSpeed, which checks its own keys
             if values is not None and not isinstance(values, dict):
                 raise ConfigError(f"{source}: deepspeed: expected an object (a DeepSpeed config)")
@@ -209,7 +246,27 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentC
         sections[name] = _build_section(_section_class(name), values, f"{source}: {name}")
     config = ExperimentConfig(**sections)
     _check(config, source)
+    _resolve_protocol(config, source)
     return config
+
+
+def _resolve_protocol(config: ExperimentConfig, source: str) -> None:
+    """Every unset quirk follows the protocol's name; the reference's fp16 LM sets the weights' dtype."""
+    protocol = config.protocol
+    for quirk in QUIRKS:
+        if getattr(protocol, quirk) is None:
+            setattr(protocol, quirk, protocol.name == "reference")
+    if protocol.lm_fp16:
+        if config.model.dtype == "bfloat16" or config.model.bf16:
+            raise ConfigError(f"{source}: protocol.lm_fp16 puts the LM in float16; it cannot be combined with "
+                              "model.dtype bfloat16 or model.bf16 (set protocol.lm_fp16=false to keep bf16)")
+        config.model.dtype = "float16"
+    if protocol.lm_dropout and config.prompt.lstm_dropout > 0 and config.parallel.tensor_parallel > 1:
+        raise ConfigError(f"{source}: protocol.lm_dropout under tensor parallelism needs prompt.lstm_dropout 0: only "
+                          "an encoder's owner draws its dropout, and the group's LM dropout masks would part ways")
+    if protocol.last_epoch_unevaluated and config.train.max_epochs < 2:
+        raise ConfigError(f"{source}: protocol.last_epoch_unevaluated evaluates epochs 1..max_epochs-1: "
+                          "train.max_epochs must be >= 2")
 
 
 def _check(config: ExperimentConfig, source: str) -> None:
@@ -238,10 +295,13 @@ def _check(config: ExperimentConfig, source: str) -> None:
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """'train.lr=3e-5' -> ('train', 'lr', 3e-05). Values are JSON where they parse as JSON, else strings."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
+    """'train.lr=3e-5' -> ('train', 'lr', 3e-05). Values are JSON where they parse as JSON, else strings.
+    'protocol=reference' is short for 'protocol.name=reference'."""
+    path, raw = text.split("=", 1) if "=" in text else (text, "")
+    if path == "protocol":
+        path = "protocol.name"
+    if "=" not in text or "." not in path:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
-    path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
     try:
         value = json.loads(raw)
@@ -268,5 +328,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise ConfigError(f"--set {text!r}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+        if section == "protocol" and isinstance(raw.get(section), str):
+            raw[section] = {"name": raw[section]}
         raw.setdefault(section, {})[key] = value
     return config_from_dict(raw, source)

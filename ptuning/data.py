@@ -10,10 +10,11 @@ Every problem is a DataError naming the file (and line, and field) it came from.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from ptuning.files import DataError, read_json, read_jsonl
 
 SPLITS = ("train", "dev", "test")
 VOCAB_FILES = {"shared": "29k-vocab.json", "lama": "34k-vocab.json"}
@@ -22,10 +23,6 @@ DOWNLOAD_HINT = (
     "Get the P-tuning LAMA archive (Zenodo record 5578210, P-tune_LAMA.tar.gz), unpack it, and point "
     "--data-dir (or $LAMA_DATA, or data.data_dir) at the folder holding fact-retrieval/ (see data/README.md)."
 )
-
-
-class DataError(ValueError):
-    """Bad or missing LAMA data. The message names the file, line and field."""
 
 
 @dataclass(frozen=True)
@@ -81,19 +78,7 @@ def find_layout(data_dir: str | Path) -> LamaLayout:
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found. {DOWNLOAD_HINT}")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object")
-            records.append((number, record))
-    return records
+    return read_jsonl(path)
 
 
 def _text_field(record: dict, key: str, path: Path, number: int) -> str:
@@ -146,11 +131,12 @@ def select_relations(layout: LamaLayout, wanted: list[str] | None) -> list[str]:
 def read_vocab_words(layout: LamaLayout, strategy: str, key: str) -> list[str]:
     """One word list of 29k-vocab.json / 34k-vocab.json, with GPT-2's leading-space marker 'Ġ' removed."""
     path = layout.vocab_path(strategy)
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
-    if not isinstance(table, dict) or key not in table:
-        keys = ", ".join(table) if isinstance(table, dict) else "none"
-        raise DataError(f"{path}: no word list for '{key}' (keys: {keys}); set data.vocab_key")
-    return [word[1:] if word.startswith("Ġ") else word for word in table[key]]
+    table = read_json(path)
+    if not isinstance(table, dict):
+        raise DataError(f"{path}: expected an object of word lists by model, got a JSON {type(table).__name__}")
+    if key not in table:
+        raise DataError(f"{path}: no word list for '{key}' (keys: {', '.join(table) or 'none'}); set data.vocab_key")
+    words = table[key]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise DataError(f"{path}: field '{key}' must be a list of words (strings)")
+    return [word[1:] if word.startswith("Ġ") else word for word in words]

@@ -63,6 +63,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         "vocab": f"{vocab.name} ({vocab_key} list mapped)" if mapped else vocab.name,
         "vocab_strategy": cfg.data.vocab, "vocab_key": vocab_key if cfg.data.vocab != "original" else None,
         "answer_vocab_size": vocab.size, "mode": cfg.train.mode if mode == "train" else mode,
+        "protocol": cfg.protocol.describe(),
         "data_dir": str(layout.root), "world_size": ctx.world_size, "config": cfg.to_dict(),
     }
     progress = Progress(cfg.logging.progress if ctx.coordinator else "lines", total=len(ready))

@@ -79,8 +79,8 @@ def render_markdown(payload: dict) -> str:
     lines = [
         f"# P-tuning on LAMA: {payload['model']} ({payload['vocab']})",
         "",
-        f"Mode: {payload['mode']}. Answer vocabulary: {payload['vocab']}, {payload['answer_vocab_size']} tokens. "
-        "P@1 in percent; test at the best dev epoch.",
+        f"Mode: {payload['mode']}. Protocol: {payload.get('protocol', 'paper')}. Answer vocabulary: "
+        f"{payload['vocab']}, {payload['answer_vocab_size']} tokens. P@1 in percent; test at the best dev epoch.",
         "",
         "| relation | label | n test | manual P@1 | dev P@1 | test P@1 | test P@10 | test MRR | best epoch | epochs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",

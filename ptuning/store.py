@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ptuning.config import ConfigError, ExperimentConfig
+from ptuning.config import ConfigError, ExperimentConfig, config_from_dict
 from ptuning.data import DataError
 from ptuning.results import atomic_write, atomic_write_text, load_tensors, save_tensors
 
@@ -29,7 +29,7 @@ FINAL = ("done", "manual_only", "evaluated")
 # Keys that do not change a relation's figures; a resumed folder may differ in them.
 NEUTRAL = {"model": {"device"}, "data": {"data_dir", "relations"},
            "train": {"pack_relations", "bucket_rows", "row_tokens", "eval_batch_size", "manual_baseline"}}
-IDENTITY_SECTIONS = ("model", "data", "prompt", "train", "deepspeed")
+IDENTITY_SECTIONS = ("model", "data", "prompt", "train", "protocol", "deepspeed")
 
 
 def identity(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -71,6 +71,8 @@ class RunStore:
         else:
             previous = _read_json(path)
             if previous is not None:
+                # a section the folder's file lacks was added since: the folder was made with its defaults
+                previous = {**identity(config_from_dict({})), **previous}
                 mine = identity(cfg)
                 changed = [f"{s}.{k}" for s in IDENTITY_SECTIONS for k in
                            sorted(set((previous.get(s) or {})) | set(mine[s] or {}))

@@ -11,6 +11,12 @@ Manual prompts render the LAMA template as text ("[X] was born in [Y] .") and to
 the text before [Y].
 
 Causal rows are scored at their last position; no label is handed to a model that shifts labels internally.
+
+The reference protocol's template quirks (config.ProtocolConfig) are choices made here:
+    mask_before_subject   [CLS] P*t0 [MASK] P*t1 subject P*t2 [SEP]   (masked LMs; no anchors in that order)
+    causal_loss_shift     training rows of causal LMs are scored one position early (L-2), evaluation rows at L-1
+    bpe_spaces            '.' (not 'Ġ.') closes a masked row with t2 == 0; manual prompts start with a space and,
+                          for causal LMs, keep the space before [Y] (a lone 'Ġ' token, whose position is scored)
 """
 from __future__ import annotations
 
@@ -55,6 +61,9 @@ class PTuningTemplate:
         manual_template: str,
         anchors: bool = False,
         add_bos: bool = False,
+        mask_before_subject: bool = False,
+        causal_loss_shift: bool = False,
+        bpe_spaces: bool = False,
     ):
         if kind == "causal" and counts[2] != 0:
             raise TemplateError(
@@ -63,13 +72,19 @@ class PTuningTemplate:
             )
         if sum(counts) == 0:
             raise TemplateError("prompt.template [0, 0, 0]: P-tuning needs at least one pseudo token")
+        self.mask_first = mask_before_subject and kind == "masked"
+        if self.mask_first and anchors:
+            raise TemplateError("prompt.anchors with protocol.mask_before_subject: the manual words have no place "
+                                "when the mask comes before the subject; set one of them to false")
         self.tokenizer, self.kind, self.counts = tokenizer, kind, tuple(counts)
         words = split_manual(manual_template)
         self.manual_ids = _segments(words, encode_in_context(tokenizer, [w for w in words if w]))
         self.anchor_ids = self.manual_ids if anchors else ([], [], [])
         self.add_bos = add_bos
+        self.loss_shift = 1 if causal_loss_shift and kind == "causal" else 0
         self.placeholder = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
-        self.dot = encode_in_context(tokenizer, ["."])[0]
+        # the reference took '.' as a bare token: 'Ġ.' and '.' differ in BPE vocabularies, not in WordPiece ones
+        self.dot = [tokenizer.convert_tokens_to_ids(".")] if bpe_spaces else encode_in_context(tokenizer, ["."])[0]
 
     @property
     def n_pseudo(self) -> int:
@@ -82,8 +97,10 @@ class PTuningTemplate:
             out.extend(words[j] if j < len(words) else None for j in range(count))
         return out
 
-    def rows(self, subjects: list[str], labels: list[int]) -> list[Row]:
-        return [self._row(s, y) for s, y in zip(encode_in_context(self.tokenizer, subjects), labels)]
+    def rows(self, subjects: list[str], labels: list[int], training: bool = False) -> list[Row]:
+        """training: rows whose logits the loss reads (one position early under causal_loss_shift)."""
+        rows = [self._row(s, y) for s, y in zip(encode_in_context(self.tokenizer, subjects), labels)]
+        return _shifted(rows, self.loss_shift) if training else rows
 
     def _row(self, subject: list[int], label: int) -> Row:
         ids: list[int] = []
@@ -102,18 +119,26 @@ class PTuningTemplate:
 
         t0, t1, t2 = self.counts
         a0, a1, a2 = self.anchor_ids
+        mask = self.tokenizer.mask_token_id
         if self.kind == "masked":
             add_tokens([self.tokenizer.cls_token_id])
         elif self.add_bos:
             add_tokens([self.tokenizer.bos_token_id])
-        add_pseudo(t0)
-        add_tokens(a0 + subject)
-        add_pseudo(t1)
-        add_tokens(a1)
-        if self.kind == "causal":
-            return Row(tuple(ids), tuple(pseudo), len(ids) - 1, label)
-        target = len(ids)
-        add_tokens([self.tokenizer.mask_token_id])
+        if self.mask_first:  # the reference's order: [CLS] P*t0 [MASK] P*t1 subject P*t2 [SEP]
+            add_pseudo(t0)
+            target = len(ids)
+            add_tokens([mask])
+            add_pseudo(t1)
+            add_tokens(subject)
+        else:
+            add_pseudo(t0)
+            add_tokens(a0 + subject)
+            add_pseudo(t1)
+            add_tokens(a1)
+            if self.kind == "causal":
+                return Row(tuple(ids), tuple(pseudo), len(ids) - 1, label)
+            target = len(ids)
+            add_tokens([mask])
         add_pseudo(t2)
         add_tokens(a2 if a2 or t2 else self.dot)
         add_tokens([self.tokenizer.sep_token_id])
@@ -125,21 +150,35 @@ class ManualTemplate:
 
     n_pseudo = 0
 
-    def __init__(self, tokenizer, kind: str, manual_template: str, add_bos: bool = False):
+    def __init__(self, tokenizer, kind: str, manual_template: str, add_bos: bool = False,
+                 causal_loss_shift: bool = False, bpe_spaces: bool = False):
         split_manual(manual_template)  # validates the [X] ... [Y] order
         self.tokenizer, self.kind, self.template, self.add_bos = tokenizer, kind, manual_template, add_bos
+        self.loss_shift = 1 if causal_loss_shift and kind == "causal" else 0
+        self.lead = " " if bpe_spaces else ""  # the reference tokenized ' ' + sentence
+        self.keep_space = bpe_spaces
 
-    def rows(self, subjects: list[str], labels: list[int]) -> list[Row]:
+    def rows(self, subjects: list[str], labels: list[int], training: bool = False) -> list[Row]:
         if self.kind == "masked":
-            texts = [self.template.replace("[X]", s).replace("[Y]", self.tokenizer.mask_token) for s in subjects]
+            texts = [self.lead + self.template.replace("[X]", s).replace("[Y]", self.tokenizer.mask_token)
+                     for s in subjects]
             encoded = self.tokenizer(texts)["input_ids"]
             mask = self.tokenizer.mask_token_id
             return [Row(tuple(ids), (-1,) * len(ids), ids.index(mask), y) for ids, y in zip(encoded, labels)]
-        prefix = self.template.split("[Y]", 1)[0].rstrip()
+        prefix = self.template.split("[Y]", 1)[0]
+        prefix = self.lead + (prefix if self.keep_space else prefix.rstrip())
         encoded = self.tokenizer([prefix.replace("[X]", s) for s in subjects], add_special_tokens=False)["input_ids"]
         bos = [self.tokenizer.bos_token_id] if self.add_bos else []
-        return [Row(tuple(bos + ids), (-1,) * (len(bos) + len(ids)), len(bos) + len(ids) - 1, y)
+        rows = [Row(tuple(bos + ids), (-1,) * (len(bos) + len(ids)), len(bos) + len(ids) - 1, y)
                 for ids, y in zip(encoded, labels)]
+        return _shifted(rows, self.loss_shift) if training else rows
+
+
+def _shifted(rows: list[Row], shift: int) -> list[Row]:
+    """Rows scored `shift` positions before their target (the reference's causal loss position)."""
+    if not shift:
+        return rows
+    return [Row(r.ids, r.pseudo, max(0, r.target - shift), r.label) for r in rows]
 
 
 def _segments(words: tuple[str, str, str], encoded: list[list[int]]) -> tuple[list[int], list[int], list[int]]:

@@ -41,13 +41,14 @@ class RelationRun:
     early stopping); only the rank that holds its encoder keeps the encoder, optimizer and best state."""
 
     def __init__(self, task: RelationTask, template, encoder: PromptEncoder | None, seed: int, holds: bool = True,
-                 writes: bool = True):
+                 writes: bool = True, drop_last: int = 0):
         self.task, self.template, self.encoder = task, template, encoder
+        self.drop_last = drop_last  # the batch size whose incomplete last batch each epoch drops (0: keep it)
         self.holds = holds  # this rank keeps the relation's trainable state (False: another rank of the group does)
         self.writes = writes  # this rank writes the relation's checkpoint, prompts and record
         self.n_pseudo = getattr(template, "n_pseudo", 0)
-        self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]])
-                     for s in SPLITS}
+        self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]],
+                                      training=s == "train") for s in SPLITS}
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = None  # torch Adam, or DeepSpeed's optimizer in the LM fine-tuning modes
         self.engine = None  # the DeepSpeed engine, when the config has a deepspeed section and the LM trains
@@ -62,6 +63,8 @@ class RelationRun:
 
     def start_epoch(self) -> None:
         self.order = torch.randperm(len(self.rows["train"]), generator=self.generator).tolist()
+        if self.drop_last and len(self.order) >= self.drop_last:  # fewer facts than a batch: keep them all
+            self.order = self.order[:len(self.order) - len(self.order) % self.drop_last]
         self.cursor = 0
 
     def next_batch(self, size: int) -> list[Row]:
@@ -133,13 +136,19 @@ class Trainer:
         if self.tune_lm and not backbone.trainable_lm:
             raise ConfigError(f"train.mode {cfg.train.mode}: this backbone trains prompts only (train.mode ptuning)")
         self.shard = backbone.vocab_shard
+        self.protocol = cfg.protocol
         self.uses_prompts = cfg.train.mode != "finetune"
         self.counts = tuple(cfg.prompt.template or default_counts(backbone.kind))
         # on every rank, once: under tensor parallelism reading the embedding's spread is a collective
         self.embedding_std = backbone.embedding_std if self.uses_prompts else 1.0
         self.bank = PromptBank(self.parallel, cfg.parallel.shard_prompts and not self.tune_lm,
                                backbone.hidden_size, backbone.device)
-        self.scaler = LossScaler(self.parallel) if backbone_dtype(backbone) == torch.float16 else None
+        # an fp16 LM gets loss scaling, unless the protocol reproduces the reference's fp16 without it
+        fp16 = backbone_dtype(backbone) == torch.float16
+        self.scaler = LossScaler(self.parallel) if fp16 and not self.protocol.lm_fp16 else None
+        if self.protocol.lm_dropout:
+            # the same dropout masks on every rank of a tensor-parallel group: the same seed, the same draws
+            torch.manual_seed(cfg.train.seed)
         self.stop = StopSignal(self.parallel)
         self._pristine_lm = ({k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
                              if self.tune_lm else None)
@@ -150,16 +159,21 @@ class Trainer:
         else:
             rows = "one fact per row (train.row_tokens 0)"
         homes = f"sharded over {self.parallel.tp_size} tensor-parallel ranks" if self.bank.sharded else "on every rank"
-        self.progress(f"layout: {rows}; prompt encoders {homes}" + ("; fp16 loss scaling" if self.scaler else ""))
+        self.progress(f"layout: {rows}; prompt encoders {homes}" + ("; fp16 loss scaling" if self.scaler else "")
+                      + f"; protocol {self.protocol.describe()}")
 
     # ---- templates and encoders -------------------------------------------------------------------------------
     def manual_template(self, task: RelationTask) -> ManualTemplate:
         return ManualTemplate(self.backbone.tokenizer, self.backbone.kind, task.info.template,
-                              add_bos=self.cfg.model.add_bos)
+                              add_bos=self.cfg.model.add_bos, causal_loss_shift=self.protocol.causal_loss_shift,
+                              bpe_spaces=self.protocol.bpe_spaces)
 
     def ptuning_template(self, task: RelationTask) -> PTuningTemplate:
         return PTuningTemplate(self.backbone.tokenizer, self.backbone.kind, self.counts, task.info.template,
-                               anchors=self.cfg.prompt.anchors, add_bos=self.cfg.model.add_bos)
+                               anchors=self.cfg.prompt.anchors, add_bos=self.cfg.model.add_bos,
+                               mask_before_subject=self.protocol.mask_before_subject,
+                               causal_loss_shift=self.protocol.causal_loss_shift,
+                               bpe_spaces=self.protocol.bpe_spaces)
 
     def new_encoder(self, template: PTuningTemplate, seed: int, hold: bool = True) -> PromptEncoder | None:
         """The relation's encoder where this rank holds it (None elsewhere). Every rank of the group takes part:
@@ -279,7 +293,8 @@ class Trainer:
         template = self.ptuning_template(task) if self.uses_prompts else self.manual_template(task)
         hold = self.bank.holds(index)
         encoder = self.new_encoder(template, seed, hold) if self.uses_prompts else None
-        run = RelationRun(task, template, encoder, seed, hold, self.bank.writes(index))
+        run = RelationRun(task, template, encoder, seed, hold, self.bank.writes(index),
+                          drop_last=self.cfg.train.batch_size if self.protocol.drop_last else 0)
         if not hold:
             return run  # another rank of the group holds this relation's encoder
         groups = []
@@ -386,6 +401,8 @@ class Trainer:
         return loss
 
     def _step(self, runs: list[RelationRun]) -> None:
+        if self.protocol.lm_dropout and not self.tune_lm:  # the reference's model.train(): the frozen LM's dropout
+            self.backbone.dropout(True)
         loss = self._loss(runs)
         if runs[0].engine is not None:  # DeepSpeed: one relation at a time (LM fine-tuning)
             runs[0].engine.backward(loss)
@@ -404,17 +421,20 @@ class Trainer:
     def _end_epochs(self, runs: list[RelationRun]) -> None:
         """Scheduler step, dev P@1, best state and early stopping for the relations whose epoch just ended."""
         dev = self._evaluate_runs(runs, "dev")
+        # the reference trains a last epoch it never evaluates: it cannot be selected, so it is not run
+        last = self.cfg.train.max_epochs - (1 if self.protocol.last_epoch_unevaluated else 0)
         for run, metrics in zip(runs, dev):
             run.decay_lr(self.cfg.train.lr_decay)
             run.epoch += 1
             score = metrics["p@1"]
             run.dev_history.append(score)
-            if score > run.best_dev:
+            better = score >= run.best_dev if self.protocol.latest_tie else score > run.best_dev
+            if better:
                 run.best_dev, run.best_epoch, run.bad_epochs = score, run.epoch, 0
                 run.best_state = self._snapshot(run)
             else:
                 run.bad_epochs += 1
-            run.done = run.bad_epochs >= self.cfg.train.patience or run.epoch >= self.cfg.train.max_epochs
+            run.done = run.bad_epochs >= self.cfg.train.patience or run.epoch >= last
             self.progress(f"{run.task.id} epoch {run.epoch}: dev P@1 {score:.3f} "
                           f"(best {run.best_dev:.3f} at epoch {run.best_epoch})")
             if not run.done:
