@@ -106,8 +106,8 @@ class MegatronSpec:
                 raise ReleaseError(f"args.{key}={value!r}: {meaning}, which this module does not implement")
         for key in ("decoder_input_dim", "decoder_output_dim"):
             if get(key, None) not in (None, get("decoder_embed_dim", 3072)):
-                raise ReleaseError(f"args.{key}={get(key, None)} differs from decoder_embed_dim: a projection "
-                                   "around the decoder, which this module does not implement")
+                raise ReleaseError(f"args.{key}={get(key, None)!r}: a projection around the decoder (decoder_embed_dim "
+                                   f"is {get('decoder_embed_dim', 3072)}), which this module does not implement")
         activation = get("activation_fn", "gelu")
         if activation != "gelu":
             raise ReleaseError(f"activation_fn {activation!r}: only gelu (Megatron-11B) is implemented")
@@ -146,7 +146,7 @@ def load_part(path: Path, vocab_size: int | None = None) -> tuple[argparse.Names
         if found:  # a whole file that holds a class the weights-only load will not run
             raise ReleaseError(f"{path}: holds a {found.group(1)} object, which a weights-only load refuses to "
                                "build (no code from a checkpoint runs here); the release as published holds only "
-                               "tensors and argparse args: re-save this part with plain args") from None
+                               "tensors and argparse args: re-save the part with only those") from None
         raise ReleaseError(f"{path}: cannot read it (UnpicklingError: {str(error).splitlines()[0]}); a truncated "
                            "download? check its size and fetch it again") from None
     except Exception as error:  # a truncated file, or not a checkpoint at all

@@ -57,8 +57,11 @@ def dense_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def write_release(lama: Path, root: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
-    """(release folder, tokenizer folder, the dense state the parts were cut from)."""
+def write_release(lama: Path, root: Path, args: argparse.Namespace = ARGS,
+                  tied_projection: bool = False) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """(release folder, tokenizer folder, the dense state the parts were cut from). tied_projection: each part
+    also holds decoder.output_projection.weight, the same tensor as its embed_tokens slice, as fairseq >= 0.10
+    saves it."""
     release, tok_dir = root / "release", root / "tokenizer"
     release.mkdir(parents=True)
     tok = tokenizer(lama, tok_dir)
@@ -71,5 +74,7 @@ def write_release(lama: Path, root: Path) -> tuple[Path, Path, dict[str, torch.T
             dim = split_dim(name)
             model["decoder." + name] = (tensor.clone() if dim is None
                                         else tensor.chunk(N_PARTS, dim=dim)[part].clone())
-        torch.save({"args": ARGS, "model": model, "optimizer_history": []}, release / PART.format(part))
+        if tied_projection:
+            model["decoder.output_projection.weight"] = model["decoder.embed_tokens.weight"]
+        torch.save({"args": args, "model": model, "optimizer_history": []}, release / PART.format(part))
     return release, tok_dir, state

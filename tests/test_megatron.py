@@ -94,6 +94,85 @@ def test_bad_releases_are_clear_errors(release, tmp_path):
         merge(broken, tmp_path / "out3")
 
 
+def _linked_copy(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in folder.iterdir():
+        (to / f.name).symlink_to(f)
+    return to
+
+
+def test_a_tied_output_projection_is_checked_then_dropped(lama, merged, tmp_path):
+    """fairseq >= 0.10 re-saves the tied projection under its own name: it merges and loads like the release."""
+    from model_parallel.backbone import load_megatron_model
+
+    release = write_release(lama, tmp_path / "tied", tied_projection=True)[0]
+    assert "decoder.output_projection.weight" in torch.load(release / PART.format(0), weights_only=False)["model"]
+    again = tmp_path / "merged-tied"
+    merge(release, again, shard_gb=0.0002, log=lambda line: None)
+    model = load_megatron_model(again, 1, 0, torch.float32, "cpu")
+    ids = torch.randint(4, 400, (2, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_logits(model, ids), _logits(load_megatron_model(merged, 1, 0, torch.float32, "cpu"), ids))
+    # an untied projection (not the embedding) is refused, not dropped
+    part = torch.load(release / PART.format(2), weights_only=False)
+    part["model"]["decoder.output_projection.weight"] = part["model"]["decoder.output_projection.weight"] + 1
+    untied = _linked_copy(release, tmp_path / "untied")
+    (untied / PART.format(2)).unlink()
+    torch.save(part, untied / PART.format(2))
+    with pytest.raises(ReleaseError, match=r"part-2\.pt: decoder\.output_projection\.weight differs from "
+                                           r"decoder\.embed_tokens\.weight"):
+        merge(untied, tmp_path / "out")
+
+
+@pytest.mark.parametrize("key, value, meaning", [
+    ("no_token_positional_embeddings", True, "no positional embeddings"),
+    ("decoder_learned_pos", True, "learned positional embeddings"),
+    ("layernorm_embedding", True, "a LayerNorm after the embeddings"),
+    ("no_decoder_final_norm", True, "no final LayerNorm"),
+    ("adaptive_softmax_cutoff", "10000,20000", "an adaptive softmax"),
+    ("decoder_input_dim", 32, "a projection around the decoder"),
+])
+def test_args_the_module_cannot_honour_are_refused_before_any_weight(key, value, meaning, release, tmp_path):
+    import argparse
+
+    part = torch.load(release[0] / PART.format(0), weights_only=False)
+    part["args"] = argparse.Namespace(**{**vars(part["args"]), key: value})
+    part["model"] = {}  # no weights at all: the args are refused first
+    folder = _linked_copy(release[0], tmp_path / "odd")
+    (folder / PART.format(0)).unlink()
+    torch.save(part, folder / PART.format(0))
+    with pytest.raises(ReleaseError, match=rf"args\.{key}={value!r}: {meaning}\b.*which this module does not"):
+        read_spec(folder)
+
+
+def test_a_pickled_class_and_a_truncated_part_say_which_they_are(release, tmp_path):
+    import datetime
+
+    folder = _linked_copy(release[0], tmp_path / "odd")
+    part = torch.load(release[0] / PART.format(0), weights_only=False)
+    part["saved"] = datetime.datetime(2021, 3, 18)  # e.g. a timestamp, as THUDM's prompt checkpoints hold
+    (folder / PART.format(0)).unlink()
+    torch.save(part, folder / PART.format(0))
+    with pytest.raises(ReleaseError, match=r"part-0\.pt: holds a datetime\.datetime object, which a weights-only "
+                                           r"load refuses"):
+        read_spec(folder)
+    data = (release[0] / PART.format(0)).read_bytes()
+    (folder / PART.format(0)).write_bytes(data[: len(data) // 3])
+    with pytest.raises(ReleaseError, match=r"part-0\.pt: cannot read it .*truncated download"):
+        read_spec(folder)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello 12\nworld\n", r"dict\.txt, line 2: expected '<symbol> <count>', got 'world'"),
+    (b"hello 12\n\xff\xfe 3\n", r"dict\.txt, line 2: not UTF-8 text \(byte 0xff at column 1\)"),
+])
+def test_a_malformed_dictionary_names_its_line(content, message, release, tmp_path):
+    folder = _linked_copy(release[0], tmp_path / "odd")
+    (folder / "dict.txt").unlink()
+    (folder / "dict.txt").write_bytes(content)
+    with pytest.raises(ReleaseError, match=message):
+        read_spec(folder)
+
+
 def naive_forward(state: dict, ids: torch.Tensor) -> torch.Tensor:
     """fairseq's pre-LN transformer LM, written out plainly for one unpadded sequence: next-token logits."""
     h, heads = SPEC.hidden, SPEC.heads
