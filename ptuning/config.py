@@ -290,6 +290,11 @@ def _check(config: ExperimentConfig, source: str) -> None:
     pack = config.train.pack_relations
     if (isinstance(pack, str) and pack != "auto") or (isinstance(pack, int) and pack < 0):
         raise ConfigError(f"{source}: train.pack_relations: must be >= 0 (0 packs all relations) or \"auto\"")
+    zero = (config.deepspeed or {}).get("zero_optimization") or {}
+    if isinstance(zero, dict) and zero.get("stage", 0) == 3:
+        raise ConfigError(f"{source}: deepspeed.zero_optimization.stage 3 partitions the LM's parameters across the "
+                          "ranks, but every rank fine-tunes its own relation's copy of the LM here; use stage 0, 1 or "
+                          "2")
     if config.output.checkpoint_minutes < 0:
         raise ConfigError(f"{source}: output.checkpoint_minutes: must be >= 0 (0 checkpoints every epoch)")
 

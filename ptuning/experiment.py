@@ -165,7 +165,7 @@ class _Worker:
             return
         self.store.write_progress(run.task.id, {"dev_history": run.dev_history})
         last = self.last_checkpoint.setdefault(run.task.id, run.started)
-        if time.perf_counter() - last >= 60 * self.cfg.output.checkpoint_minutes:
+        if self.trainer.checkpoints(run) and time.perf_counter() - last >= 60 * self.cfg.output.checkpoint_minutes:
             self.checkpoint(run)
 
     def checkpoint(self, run: RelationRun) -> None:
@@ -173,11 +173,13 @@ class _Worker:
         self.last_checkpoint[run.task.id] = time.perf_counter()
 
     def stopped(self, runs: list[RelationRun]) -> None:
-        written = [r for r in runs if r.writes]
+        written = [r for r in runs if r.writes and self.trainer.checkpoints(r)]
         for run in written:
             self.checkpoint(run)
+        over = [r.task.id for r in runs if r.writes and not self.trainer.checkpoints(r)]
         self.progress.line(f"stop requested ({self.trainer.stop.name}): checkpointed "
-                           f"{', '.join(r.task.id for r in written) or 'nothing (no relation under way here)'}")
+                           f"{', '.join(r.task.id for r in written) or 'nothing (no relation under way here)'}"
+                           + (f"; {', '.join(over)} (DeepSpeed) will start over" if over else ""))
 
     def finished(self, outcome: RelationOutcome) -> None:
         rid = outcome.task.id

@@ -22,6 +22,7 @@ from ptuning.batching import Batch, collate, length_buckets
 from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.data import SPLITS
 from ptuning.encoders import PromptEncoder
+from ptuning.finetune import LMTuning
 from ptuning.metrics import cross_entropy, restricted_ranks, summarize_ranks
 from ptuning.parallel import ParallelContext
 from ptuning.precision import LossScaler
@@ -150,8 +151,7 @@ class Trainer:
             # the same dropout masks on every rank of a tensor-parallel group: the same seed, the same draws
             torch.manual_seed(cfg.train.seed)
         self.stop = StopSignal(self.parallel)
-        self._pristine_lm = ({k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
-                             if self.tune_lm else None)
+        self.lm = LMTuning(backbone, cfg, self.parallel, progress) if self.tune_lm else None
         if not backbone.packs_rows:
             rows = "one fact per row (this model's attention takes no shared rows)"
         elif cfg.train.row_tokens:
@@ -297,39 +297,15 @@ class Trainer:
                           drop_last=self.cfg.train.batch_size if self.protocol.drop_last else 0)
         if not hold:
             return run  # another rank of the group holds this relation's encoder
-        groups = []
-        if encoder is not None:
-            groups.append({"params": list(encoder.parameters()), "lr": self.cfg.train.lr})
-        if self.tune_lm:
-            self.backbone.model.load_state_dict(self._pristine_lm)
-            torch.manual_seed(seed)  # dropout in the fine-tuned LM
-            groups.append({"params": self.backbone.unfreeze(), "lr": self.cfg.train.lm_lr})
-        if self.tune_lm and self.cfg.deepspeed is not None:
-            run.engine, run.optimizer = self._deepspeed(encoder, groups)
+        if self.lm is not None:
+            run.optimizer, run.engine = self.lm.begin(encoder, seed)
         else:
             # fused: one kernel per step instead of several ops per tensor (an LSTM encoder's step: 1.5 ms against
             # 12.6 ms on a 2-core CPU); the same updates up to rounding
-            run.optimizer = torch.optim.Adam(groups, weight_decay=self.cfg.train.weight_decay,
+            run.optimizer = torch.optim.Adam(encoder.parameters(), lr=self.cfg.train.lr,
+                                             weight_decay=self.cfg.train.weight_decay,
                                              fused=self.backbone.device.type in ("cpu", "cuda"))
         return run
-
-    def _deepspeed(self, encoder: PromptEncoder | None, groups: list[dict]):
-        """The trainable parameters through deepspeed.initialize (ZeRO, bf16/fp16). Each data-parallel group
-        fine-tunes its own relation, so DeepSpeed's data-parallel group is this rank alone."""
-        import deepspeed
-
-        modules = torch.nn.ModuleDict({"lm": self.backbone.model})
-        if encoder is not None:
-            modules["encoder"] = encoder
-        config = {"train_micro_batch_size_per_gpu": self.cfg.train.batch_size, "gradient_accumulation_steps": 1,
-                  **self.cfg.deepspeed,
-                  "optimizer": {"type": "Adam", "params": {"lr": self.cfg.train.lr, "torch_adam": True,
-                                                           "weight_decay": self.cfg.train.weight_decay}}}
-        engine, optimizer, _, _ = deepspeed.initialize(model=modules, model_parameters=groups, config=config,
-                                                       mpu=self.parallel.solo_mpu())
-        self.progress(f"DeepSpeed engine: ZeRO stage {engine.zero_optimization_stage()}, "
-                      f"{type(optimizer).__name__}, bf16 {engine.bfloat16_enabled()}, fp16 {engine.fp16_enabled()}")
-        return engine, optimizer
 
     def _train_group(self, group: list[tuple[int, RelationTask]], on_result: Callable[[RelationOutcome], None],
                      on_epoch: Callable[[RelationRun], None], restore: Callable[[RelationTask], dict | None],
@@ -339,7 +315,10 @@ class Trainer:
             self.active = [task.id]
             run = self._new_run(task, index)
             state = restore(task)
-            if state is not None:
+            if state is not None and run.engine is not None:
+                self.progress(f"{task.id}: fine-tuned under DeepSpeed, which is not checkpointed mid-relation: "
+                              "it starts over")
+            elif state is not None:
                 self._load_run_state(run, state)
                 self.progress(f"{task.id}: resuming after epoch {run.epoch}" if run.cursor == 0 else
                               f"{task.id}: resuming in epoch {run.epoch + 1} at fact {run.cursor} of {len(run.order)}")
@@ -373,19 +352,20 @@ class Trainer:
 
     def run_state(self, run: RelationRun) -> dict[str, Any]:
         state = run.state_dict()
-        if self.tune_lm:  # each relation fine-tunes its own LM copy: it is part of the relation's state
-            state["lm"] = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.model.state_dict().items()}
+        if self.lm is not None:  # each relation fine-tunes its own LM copy: it is part of the relation's state
+            state["lm"] = self.lm.state()
         if self.scaler is not None:
             state["loss_scale"] = self.scaler.state_dict()
         return state
 
+    def checkpoints(self, run: RelationRun) -> bool:
+        """Whether a relation's state can be checkpointed mid-training: not under DeepSpeed (ptuning/finetune.py)."""
+        return run.engine is None
+
     def _load_run_state(self, run: RelationRun, state: dict[str, Any]) -> None:
-        if run.engine is not None:
-            raise ValueError("resuming a relation mid-training is not supported with DeepSpeed; delete its "
-                             "checkpoint.pt to restart it")
         run.load_state_dict(state)
-        if self.tune_lm:
-            self.backbone.model.load_state_dict(state["lm"])
+        if self.lm is not None:
+            self.lm.load(state["lm"])
         if self.scaler is not None and "loss_scale" in state:  # one scale for the pack: the most cautious
             self.scaler.scale = min(self.scaler.scale, state["loss_scale"]["scale"])
 
@@ -405,8 +385,7 @@ class Trainer:
             self.backbone.dropout(True)
         loss = self._loss(runs)
         if runs[0].engine is not None:  # DeepSpeed: one relation at a time (LM fine-tuning)
-            runs[0].engine.backward(loss)
-            runs[0].engine.step()
+            self.lm.step(runs[0].engine, loss)
             return
         optimizers = [r.optimizer for r in runs if r.optimizer is not None]
         if self.scaler is not None:
@@ -447,8 +426,8 @@ class Trainer:
         state = {}
         if run.encoder is not None:
             state["encoder"] = {k: v.detach().to("cpu", copy=True) for k, v in run.encoder.state_dict().items()}
-        if self.tune_lm:
-            state["lm"] = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.model.state_dict().items()}
+        if self.lm is not None:
+            state["lm"] = self.lm.snapshot()
         return state
 
     def _finish(self, runs: list[RelationRun]) -> list[RelationOutcome]:
@@ -456,8 +435,8 @@ class Trainer:
         for run in runs:
             if run.encoder is not None:
                 run.encoder.load_state_dict(run.best_state["encoder"])
-            if self.tune_lm:
-                self.backbone.model.load_state_dict(run.best_state["lm"])
+            if self.lm is not None:
+                self.lm.load(run.best_state["lm"])
             run.best_state = None
             run.optimizer = None  # its state is no longer needed: free it before the next relations start
         test = self._evaluate_runs(runs, "test")
@@ -470,7 +449,8 @@ class Trainer:
                 "seconds": round(run.elapsed(), 1),
                 "dev_history": run.dev_history,
             }, run.encoder, run.writes))
-        if self.tune_lm:
-            self.backbone.model.load_state_dict(self._pristine_lm)
-            self.backbone.freeze()
+        if self.lm is not None:
+            for run in runs:
+                self.lm.end(run.engine)
+                run.engine = None
         return outcomes
