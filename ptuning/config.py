@@ -110,6 +110,11 @@ class ParallelConfig:
     # Each relation's prompt encoder lives on ONE rank of its tensor-parallel group (its state divided by the
     # group's size); false keeps a copy on every rank.
     shard_prompts: bool = True
+    threads: int = 0  # CPU threads each rank computes with (torch.set_num_threads); 0 leaves torch's default
+    # The same floats for a relation under 1 or N ranks: packs of train.pack_relations (> 0) that do not depend on
+    # the world size, parallel.threads (> 0) threads on every rank, and torch's deterministic algorithms (a GPU's
+    # too). Needs both set; costs the speed of whatever the world could have done otherwise.
+    deterministic: bool = False
 
 
 QUIRKS = ("causal_loss_shift", "mask_before_subject", "lm_dropout", "latest_tie", "drop_last",
@@ -295,6 +300,11 @@ def _check(config: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: deepspeed.zero_optimization.stage 3 partitions the LM's parameters across the "
                           "ranks, but every rank fine-tunes its own relation's copy of the LM here; use stage 0, 1 or "
                           "2")
+    if config.parallel.threads < 0:
+        raise ConfigError(f"{source}: parallel.threads: must be >= 0 (0 leaves torch's default)")
+    if config.parallel.deterministic and not (isinstance(pack, int) and pack > 0 and config.parallel.threads > 0):
+        raise ConfigError(f"{source}: parallel.deterministic needs train.pack_relations > 0 (packs that do not depend "
+                          "on the world size) and parallel.threads > 0 (the same threads on every rank)")
     if config.output.checkpoint_minutes < 0:
         raise ConfigError(f"{source}: output.checkpoint_minutes: must be >= 0 (0 checkpoints every epoch)")
 

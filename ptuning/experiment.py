@@ -18,7 +18,7 @@ from ptuning.config import ExperimentConfig
 from ptuning.coordinator import Coordinator
 from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, select_relations
 from ptuning.models import load_backbone
-from ptuning.parallel import ParallelContext, balance
+from ptuning.parallel import ParallelContext, assign_packs, set_compute
 from ptuning.progress import Progress
 from ptuning.store import RunStore
 from ptuning.tasks import RelationTask, prepare_task, read_relation
@@ -39,6 +39,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
                    parallel: ParallelContext | None = None) -> dict[str, Any] | None:
     """Returns the results payload on the coordinator, None on the other ranks."""
     ctx = parallel or ParallelContext()
+    set_compute(cfg.parallel.threads, cfg.parallel.deterministic)
     store = RunStore(cfg.output.dir)
     layout = find_layout(data_dir)
     infos = read_relation_infos(layout)
@@ -54,9 +55,11 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     vocab, vocab_key = answer_vocab(cfg, backbone, layout)
     mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
-    ready = [t for t in tasks if t.skip_reason is None]
-    groups = balance({t.id: len(t.splits["train"]) for t in ready}, ctx.n_groups)
-    mine = [t for t in ready if t.id in set(groups[ctx.group_index])]
+    ready = {t.id: t for t in tasks if t.skip_reason is None}
+    shares = assign_packs({r: len(t.splits["train"]) for r, t in ready.items()}, cfg.train.pack_relations,
+                          ctx.n_groups)
+    packs = [[ready[r] for r in pack] for pack in shares[ctx.group_index]]
+    mine = [t for pack in packs for t in pack]
 
     header = {
         "model": cfg.model.name, "kind": backbone.kind,
@@ -77,7 +80,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
 
     worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header)
     try:
-        finished = worker.run(mine, mode)
+        finished = worker.run(packs, mode)
     except Exception as error:
         relations = ", ".join(worker.trainer.active or [t.id for t in mine]) or "-"
         raise RelationFailure(f"rank {ctx.rank} failed on relation(s) {relations}: "
@@ -131,30 +134,41 @@ class _Worker:
         if self.ctx.writer:
             self.store.write_result(relation, fields)
 
-    def run(self, tasks: list[RelationTask], mode: str) -> bool:
-        """False when a signal stopped training (checkpoints written), True otherwise."""
+    def run(self, packs: list[list[RelationTask]], mode: str) -> bool:
+        """This group's packs, one after another. False when a signal stopped training (checkpoints written), True
+        otherwise. Everything a pack evaluates (manual prompts, dev, test) is batched within the pack, so a relation
+        sees the same batches whichever group its pack falls to."""
         if self.cfg.output.resume:
             final = {"train": "done", "manual": "manual_only", "evaluate": "evaluated"}[mode]
-            done = [t.id for t in tasks if (self.store.result(t.id) or {}).get("status") == final]
+            done = [t.id for pack in packs for t in pack if (self.store.result(t.id) or {}).get("status") == final]
             if done:
                 self.progress.line(f"already final, skipped: {', '.join(done)}")
-            tasks = [t for t in tasks if t.id not in done]
-        if not tasks:
+            packs = [[t for t in pack if t.id not in done] for pack in packs]
+            packs = [pack for pack in packs if pack]
+        if not packs:
             return True
-        need_manual = [t for t in tasks if "manual_p@1" not in (self.store.result(t.id) or {})]
-        if need_manual and (mode == "manual" or self.cfg.train.manual_baseline):
-            self.progress.line(f"manual prompts: evaluating test for {len(need_manual)} relations")
-            for rid, m in self.trainer.evaluate_manual(need_manual).items():
-                self.record(rid, {"manual_p@1": m["p@1"], "manual_p@10": m["p@10"], "manual_mrr": m["mrr"]})
-        if mode == "manual":
-            for task in tasks:
-                self.record(task.id, {"status": "manual_only"})
-        elif mode == "train":
-            return self.trainer.train(tasks, self.finished, on_epoch=self.epoch_done, restore=self.restore,
-                                      on_stop=self.stopped)
-        else:
-            self.evaluate_saved(tasks)
+        if mode == "train":
+            return self.trainer.train(packs, self.finished, on_epoch=self.epoch_done, restore=self.restore,
+                                      on_stop=self.stopped, before=self.manual_baseline)
+        for pack in packs:
+            if mode == "manual":
+                self.manual_baseline(pack, always=True)
+                for task in pack:
+                    self.record(task.id, {"status": "manual_only"})
+            else:
+                self.manual_baseline(pack)
+                self.evaluate_saved(pack)
         return True
+
+    def manual_baseline(self, tasks: list[RelationTask], always: bool = False) -> None:
+        """The manual prompts' test P@1 of the relations that have none recorded yet (train.manual_baseline, or
+        always for --manual-baseline)."""
+        need = [t for t in tasks if "manual_p@1" not in (self.store.result(t.id) or {})]
+        if not need or not (always or self.cfg.train.manual_baseline):
+            return
+        self.progress.line(f"manual prompts: evaluating test for {len(need)} relations")
+        for rid, m in self.trainer.evaluate_manual(need).items():
+            self.record(rid, {"manual_p@1": m["p@1"], "manual_p@10": m["p@10"], "manual_mrr": m["mrr"]})
 
     def restore(self, task: RelationTask) -> dict | None:
         return self.store.load_checkpoint(task.id) if self.cfg.output.resume else None

@@ -273,19 +273,29 @@ class Trainer:
                       + ("; WARNING: by this estimate not even one fits, trying one" if chosen < 1 else ""))
         return max(1, chosen)
 
-    def train(self, tasks: list[RelationTask], on_result: Callable[[RelationOutcome], None],
+    def train(self, packs: list[list[RelationTask]], on_result: Callable[[RelationOutcome], None],
               on_epoch: Callable[[RelationRun], None] = lambda run: None,
               restore: Callable[[RelationTask], dict | None] = lambda task: None,
-              on_stop: Callable[[list[RelationRun]], None] = lambda runs: None) -> bool:
-        """Train the relations, packed. on_epoch sees each relation after every epoch that did not end it (for
-        checkpoints); restore may return a relation's saved state to continue from. On SIGTERM/SIGUSR1 the
-        relations under way are handed to on_stop after the step in flight; returns False then, True when done."""
-        size = self.pack_size(len(tasks))
+              on_stop: Callable[[list[RelationRun]], None] = lambda runs: None,
+              before: Callable[[list[RelationTask]], None] = lambda tasks: None) -> bool:
+        """Train the packs one after another, each pack's relations together (ptuning.parallel.assign_packs; under
+        pack_relations "auto" a pack is split by what the device's memory holds, and the LM fine-tuning modes train
+        one relation at a time). before(tasks) runs ahead of each pack (the manual baseline); on_epoch sees each
+        relation after every epoch that did not end it (for checkpoints); restore may return a relation's saved
+        state to continue from. On SIGTERM/SIGUSR1 the relations under way are handed to on_stop after the step in
+        flight; returns False then, True when done."""
+        size = self.pack_size(sum(len(pack) for pack in packs)) if self.tune_lm or self.cfg.train.pack_relations \
+            == "auto" else None
+        index = 0  # each relation's place in this group's list: its encoder's owner under tensor parallelism
         with self.stop:
-            for start in range(0, len(tasks), size):
-                group = [(start + k, task) for k, task in enumerate(tasks[start:start + size])]
-                if not self._train_group(group, on_result, on_epoch, restore, on_stop):
-                    return False
+            for pack in packs:
+                for start in range(0, len(pack), size or len(pack)):
+                    chunk = pack[start:start + (size or len(pack))]
+                    before(chunk)
+                    group = list(enumerate(chunk, start=index))
+                    index += len(chunk)
+                    if not self._train_group(group, on_result, on_epoch, restore, on_stop):
+                        return False
         return True
 
     def _new_run(self, task: RelationTask, index: int = 0) -> RelationRun:

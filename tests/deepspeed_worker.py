@@ -67,13 +67,13 @@ def alive() -> dict:
 
 report["before"] = alive()
 report["after_each"] = []
-trainer.train(tasks, lambda outcome: report["after_each"].append(alive()))
+trainer.train([tasks], lambda outcome: report["after_each"].append(alive()))
 
 # a bf16 engine casts the modules it is given: the shared LM comes back in its own dtype and values
 trainer, tasks = trainer_for('deepspeed.zero_optimization={"stage": 1}', 'deepspeed.bf16={"enabled": true}')
 lm = trainer.backbone.model
 dtypes = []
-trainer.train(tasks[:2], lambda outcome: dtypes.append(alive()))
+trainer.train([tasks[:2]], lambda outcome: dtypes.append(alive()))
 report["bf16_after_each"] = dtypes
 json.dump(report, open(out, "w"))
 shutdown()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ptuning.config import ConfigError, load_config
-from ptuning.parallel import balance
+from ptuning.parallel import assign_packs, balance
 from ptuning.store import RunStore
 from tests.conftest import REPO
 from tests.wandb_records import read_run
@@ -52,6 +52,17 @@ def test_balance_puts_the_largest_first_on_the_least_loaded_group():
     groups = balance({"a": 800, "b": 700, "c": 400, "d": 300, "e": 300}, 2)
     assert groups == [["a", "d", "e"], ["b", "c"]]  # loads 1400 and 1100; the tie at 1100 went to group 0
     assert balance({"a": 1}, 3) == [["a"], [], []]
+
+
+def test_packs_of_n_are_the_same_under_any_world_size_and_groups_take_whole_packs():
+    weights = {"a": 800, "b": 700, "c": 400, "d": 300, "e": 300}
+    one = assign_packs(weights, 2, 1)
+    assert one == [[["a", "b"], ["c", "d"], ["e"]]]
+    two = assign_packs(weights, 2, 2)
+    assert two == [[["a", "b"]], [["c", "d"], ["e"]]]  # loads 1500 and 1000: whole packs, the same packs
+    assert sorted(p for share in assign_packs(weights, 2, 3) for p in share) == sorted(one[0])
+    assert assign_packs(weights, 0, 2) == [[["a", "d", "e"]], [["b", "c"]]]  # one balanced pack per group
+    assert assign_packs({"a": 1}, 0, 2) == [[["a"]], []]
 
 
 def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path):
@@ -168,3 +179,21 @@ def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):
     with pytest.raises(ConfigError, match=r"other settings \(train.lr\)"):
         store.prepare(load_config(None, ["train.lr=3e-3"]))
     store.prepare(load_config(None, ["train.lr=3e-3", "output.resume=false"]))  # starts the folder over
+
+
+@pytest.mark.slow
+def test_one_rank_and_two_ranks_compute_the_same_floats_in_deterministic_mode(lama, tmp_path):
+    """SmolLM2-135M, packs of one relation, one thread per rank: one process runs both packs, two torchrun ranks
+    one each, and every figure (MRR and the dev curve included) is the same to the last bit."""
+    args = [str(REPO / "launcher" / "run.py"), "--relations", "P36,P1376", "--data-dir", str(lama), "--set",
+            "data.max_train=24", "--set", "data.max_dev=24", "--set", "data.max_test=40", "--set",
+            "train.max_epochs=2", "--set", "train.lr=1e-3", "--set", "prompt.anchors=true", "--set",
+            "prompt.init=manual", "--set", "train.pack_relations=1", "--set",
+            "parallel.threads=1", "--set", "parallel.deterministic=true", "--set", "logging.wandb=false"]
+    launch([sys.executable], args + ["--out", str(tmp_path / "one")])
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29615"],
+           args + ["--out", str(tmp_path / "two")])
+    one, two = (json.loads((tmp_path / name / "results.json").read_text())["relations"] for name in ("one", "two"))
+    for rid in ("P36", "P1376"):
+        assert {k: one[rid][k] for k in FIGURES + ("test_mrr",)} == {k: two[rid][k] for k in FIGURES + ("test_mrr",)}
+    assert min(one[rid]["test_p@1"] for rid in one) > 0.05  # prompts that do something

@@ -65,6 +65,6 @@ def test_ptuning_beats_the_manual_prompt_on_dev(smollm2, lama):
     trainer = Trainer(smollm2, cfg, vocab.allowed)
     manual = trainer.evaluate_manual(tasks, split="dev")
     outcomes = []
-    trainer.train(tasks, outcomes.append)
+    trainer.train([tasks], outcomes.append)
     gains = {o.task.id: o.metrics["dev_p@1"] - manual[o.task.id]["p@1"] for o in outcomes}
     assert max(gains.values()) > 0.05, (gains, manual)
