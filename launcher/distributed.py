@@ -46,6 +46,14 @@ def choose_device(requested: str, local_rank: int, local_procs: int, n_gpus: int
     return torch.device(f"cuda:{local_rank}")
 
 
+def describe_job() -> str:
+    """This process, as the output folder's lock records it."""
+    job = f"pid {os.getpid()} on {socket.gethostname()}"
+    if os.environ.get("SLURM_JOB_ID"):
+        job += f", SLURM job {os.environ['SLURM_JOB_ID']}"
+    return job + f", since {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}"
+
+
 def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False, device: str = "auto") -> ParallelContext:
     """device: the config's model.device (choose_device). solo_groups: also make a process group of each rank alone
     (DeepSpeed's data-parallel groups); a single process then gets a one-rank process group too."""
@@ -58,10 +66,10 @@ def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False, device: s
         torch.cuda.set_device(chosen)
     if not launched_distributed():
         if tensor_parallel != 1:
-            raise ValueError(f"parallel.tensor_parallel={tensor_parallel} needs that many processes per group; "
+            raise ConfigError(f"parallel.tensor_parallel={tensor_parallel} needs that many processes per group; "
                              "launch with torchrun or deepspeed")
         if not solo_groups:
-            return ParallelContext(device=chosen)
+            return ParallelContext(device=chosen, job=describe_job())
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -69,7 +77,7 @@ def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False, device: s
     if not dist.is_initialized():
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=GROUP_TIMEOUT)
     if world % tensor_parallel:
-        raise ValueError(f"world size {world} is not a multiple of parallel.tensor_parallel={tensor_parallel}")
+        raise ConfigError(f"world size {world} is not a multiple of parallel.tensor_parallel={tensor_parallel}")
     if tensor_parallel > 1:
         # megatron-core's layers reduce over its own tensor-parallel groups: consecutive ranks, as ours
         from megatron.core import parallel_state
@@ -89,7 +97,7 @@ def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False, device: s
     return ParallelContext(rank=rank, world_size=world, group_index=rank // tensor_parallel,
                            n_groups=world // tensor_parallel, tp_size=tensor_parallel,
                            tp_rank=rank % tensor_parallel, tp_group=tp_group, tp_control=control, device=chosen,
-                           solo_group=solo[rank] if solo else None)
+                           solo_group=solo[rank] if solo else None, job=describe_job())
 
 
 def shutdown() -> None:

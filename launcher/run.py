@@ -16,13 +16,9 @@ import sys
 import traceback
 
 from launcher.distributed import init_parallel, shutdown
-from ptuning.config import ConfigError, ExperimentConfig, load_config
-from ptuning.data import DataError, resolve_data_dir
-from ptuning.experiment import RelationFailure, Stopped, run_experiment
-from ptuning.models import ModelError
-from ptuning.templates import TemplateError
-
-USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
+from ptuning.config import ExperimentConfig, load_config
+from ptuning.data import resolve_data_dir
+from ptuning.experiment import USER_ERRORS, RelationFailure, Stopped, run_experiment
 STOPPED = 143  # 128 + SIGTERM: stopped on request, relations checkpointed; the same command resumes
 
 

@@ -12,16 +12,15 @@ host memory at a time.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from model_parallel.merge import INDEX, read_merged_spec
+from model_parallel.merge import INDEX, read_merged_json, read_merged_spec
 from model_parallel.model import MegatronLM, empty_megatron, load_weights
 from model_parallel.release import N_PARTS, PART, ReleaseError, load_part, read_spec, split_dim
 from ptuning.backbone import Layout
@@ -48,17 +47,23 @@ def read_merged_shard(folder: Path, tp: int, rank: int) -> Iterator[tuple[str, t
     """This rank's slice of every tensor, one at a time, memory-mapped from the safetensors (only the slice is
     read). Each tensor is opened on its own so that its pages leave memory with it: one mapping per file would
     keep every page read so far resident until the whole file is done."""
-    weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    weight_map = read_merged_json(folder / INDEX).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ReleaseError(f"{folder / INDEX}: field 'weight_map' is missing or not an object")
     for name, filename in weight_map.items():
         dim = split_dim(name)
-        with safe_open(folder / filename, framework="pt") as handle:
-            if tp == 1 or dim is None:
-                tensor = handle.get_tensor(name)
-            else:
-                view = handle.get_slice(name)
-                size = view.get_shape()[dim] // tp
-                cut = slice(rank * size, (rank + 1) * size)
-                tensor = view[cut] if dim == 0 else view[:, cut]
+        try:
+            with safe_open(folder / filename, framework="pt") as handle:
+                if tp == 1 or dim is None:
+                    tensor = handle.get_tensor(name)
+                else:
+                    view = handle.get_slice(name)
+                    size = view.get_shape()[dim] // tp
+                    cut = slice(rank * size, (rank + 1) * size)
+                    tensor = view[cut] if dim == 0 else view[:, cut]
+        except (SafetensorError, OSError) as error:  # a truncated or missing shard
+            raise ReleaseError(f"{folder / filename}: cannot read {name} ({error}); a truncated copy? merge "
+                               "again") from None
         yield name, tensor
 
 

@@ -148,10 +148,25 @@ def merge(src: Path, dst: Path, shard_gb: float = 4.0, log=print) -> dict:
 
 
 def read_merged_spec(folder: Path) -> MegatronSpec:
-    config = json.loads((Path(folder) / "config.json").read_text())
+    path = Path(folder) / "config.json"
+    config = read_merged_json(path)
     if config.get("format") != FORMAT:
-        raise ReleaseError(f"{folder}/config.json: not a merged Megatron folder (format {config.get('format')!r})")
-    return MegatronSpec(**config["spec"])
+        raise ReleaseError(f"{path}: not a merged Megatron folder (format {config.get('format')!r})")
+    spec = config.get("spec")
+    try:
+        return MegatronSpec(**spec)
+    except TypeError as error:
+        raise ReleaseError(f"{path}: field 'spec' does not describe a Megatron model ({error})") from None
+
+
+def read_merged_json(path: Path) -> dict:
+    """A JSON object of a merged folder (config.json, the index), or a ReleaseError naming the file and line."""
+    from ptuning.files import DataError, read_json_object
+
+    try:
+        return read_json_object(path)
+    except DataError as error:
+        raise ReleaseError(str(error)) from None
 
 
 def _rss_mb() -> float:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_parallel.release import MegatronSpec, ReleaseError
+from ptuning.files import one_line
 
 
 def sinusoidal_table(rows: int, dim: int, padding_idx: int) -> torch.Tensor:
@@ -208,7 +209,7 @@ def load_weights(model: MegatronLM, tensors: Iterable[tuple[str, torch.Tensor]],
         with _parameter_attributes_kept(model):
             model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
-        raise ReleaseError(f"weights do not fit the model built from its config ({error})") from None
+        raise ReleaseError(f"weights do not fit the model built from its config ({one_line(error)})") from None
     model.positions_table = _positions_table(model.spec).to(device)
     return model
 

@@ -152,9 +152,13 @@ def load_part(path: Path, vocab_size: int | None = None) -> tuple[argparse.Names
     except Exception as error:  # a truncated file, or not a checkpoint at all
         raise ReleaseError(f"{path}: cannot read it ({type(error).__name__}: {str(error).splitlines()[0]}); "
                            "a truncated download? check its size and fetch it again") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "args" not in checkpoint:
-        raise ReleaseError(f"{path}: not a fairseq checkpoint (expected a dict with 'args' and 'model')")
-    args = checkpoint["args"]
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or not ("args" in checkpoint or
+                                                                          "cfg" in checkpoint):
+        raise ReleaseError(f"{path}: not a fairseq checkpoint (expected a dict with 'args' or 'cfg', and 'model')")
+    args = checkpoint.get("args")
+    cfg = checkpoint.get("cfg")
+    if args is None and isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+        args = argparse.Namespace(**cfg["model"])  # fairseq >= 0.10's trainer saves args: None, cfg: {model: ...}
     if not isinstance(args, argparse.Namespace):
         raise ReleaseError(f"{path}: 'args' is a {type(args).__name__}, not fairseq's argparse.Namespace")
     if vocab_size is not None:

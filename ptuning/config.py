@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ptuning.files import DataError, read_json
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value. The message names where."""
@@ -332,18 +334,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
-        except OSError as error:
-            raise ConfigError(f"{source}: cannot read the config file ({error.strerror})") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{source}, line {error.lineno}: not valid JSON ({error.msg})") from None
+            raw = read_json(path)
+        except DataError as error:
+            raise ConfigError(str(error)) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be an object with sections {', '.join(SECTIONS)}")
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise ConfigError(f"--set {text!r}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
         if section == "protocol" and isinstance(raw.get(section), str):
             raw[section] = {"name": raw[section]}
-        raw.setdefault(section, {})[key] = value
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"{source}: {section}: expected an object of keys, got {raw[section]!r}")
+        raw[section][key] = value
     return config_from_dict(raw, source)

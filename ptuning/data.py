@@ -82,9 +82,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def _text_field(record: dict, key: str, path: Path, number: int) -> str:
-    value = record.get(key)
+    if key not in record:
+        raise DataError(f"{path}, line {number}: field '{key}' is missing")
+    value = record[key]
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{path}, line {number}: field '{key}' is missing or empty")
+        raise DataError(f"{path}, line {number}: field '{key}' must be a non-empty string, got {value!r:.40}")
     return value.strip()
 
 
@@ -110,7 +112,8 @@ def read_relation_infos(layout: LamaLayout) -> dict[str, RelationInfo]:
             template = _text_field(record, "template", path, number)
             if "[X]" not in template or "[Y]" not in template:
                 raise DataError(f"{path}, line {number}: field 'template' must contain [X] and [Y]: {template!r}")
-            infos[rid] = RelationInfo(rid, str(record.get("label", rid)), template)
+            label = _text_field(record, "label", path, number) if "label" in record else rid
+            infos[rid] = RelationInfo(rid, label, template)
     return infos
 
 

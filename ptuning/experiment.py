@@ -8,23 +8,29 @@ calls run_experiment.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ptuning.config import ExperimentConfig
+from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.coordinator import Coordinator
 from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, select_relations
-from ptuning.models import load_backbone
+from ptuning.files import one_line
+from ptuning.models import ModelError, load_backbone
 from ptuning.parallel import ParallelContext, assign_packs, set_compute
 from ptuning.progress import Progress
 from ptuning.store import RunStore
+from ptuning.templates import TemplateError
 from ptuning.tasks import RelationTask, prepare_task, read_relation
 from ptuning.trainer import RelationOutcome, RelationRun, Trainer
 from ptuning.vocab import AnswerVocab, build_answer_vocab, default_vocab_key
 from ptuning.wandb_log import WandbLogger
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)  # one line and exit status 2 (launcher/run.py)
 
 
 class RelationFailure(RuntimeError):
@@ -72,6 +78,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     progress = Progress(cfg.logging.progress if ctx.coordinator else "lines", total=len(ready))
     coordinator = None
     if ctx.coordinator:
+        store.lock(ctx.job or f"pid {os.getpid()}")
         store.prepare(cfg)
         coordinator = Coordinator(store, header, {t.id: _base_fields(t) for t in tasks},
                                   _wandb(cfg, store, header) if cfg.logging.wandb else None, progress.relation_done)
@@ -81,6 +88,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header)
     try:
         finished = worker.run(packs, mode)
+    except USER_ERRORS:
+        raise  # a bad file or setting found on the way: one line, not a rank failure
     except Exception as error:
         relations = ", ".join(worker.trainer.active or [t.id for t in mine]) or "-"
         raise RelationFailure(f"rank {ctx.rank} failed on relation(s) {relations}: "
@@ -218,7 +227,7 @@ class _Worker:
                 encoder.load_state_dict(self.store.load_encoder_state(task.id))
             except RuntimeError as error:
                 raise DataError(f"{self.store.encoder_path(task.id)}: does not fit the configured prompt encoder "
-                                f"({error})") from None
+                                f"({one_line(error)})") from None
             loaded.append((task, encoder, template))
         with torch.no_grad():
             vectors = [enc() for _, enc, _ in loaded]

@@ -66,3 +66,11 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             raise DataError(f"{path}, line {number}: expected a JSON object, got a JSON {type(record).__name__}")
         records.append((number, record))
     return records
+
+
+def one_line(error: Exception) -> str:
+    """A multi-line error (load_state_dict lists every mismatch) as its first specific line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines[1:] if not line.endswith(":")]
+    return (specific[0] + (f" (and {len(specific) - 1} more)" if len(specific) > 1 else "")) if specific else \
+        (lines[0] if lines else type(error).__name__)

@@ -27,6 +27,7 @@ class ParallelContext:
     tp_control: Any = None  # the same peers over gloo, for host-side agreement (None: no peers)
     device: torch.device | None = None  # None: the config's model.device
     solo_group: Any = None  # a process group of this rank alone (DeepSpeed's data-parallel group), when needed
+    job: str = ""  # who this job is, for the output folder's lock (e.g. "pid 12 on node3, SLURM job 55")
 
     @property
     def distributed(self) -> bool:

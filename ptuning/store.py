@@ -8,20 +8,27 @@
                                                 mid-epoch on SIGTERM/SIGUSR1 (removed once final)
     <out>/relations/<P>/prompt_encoder.safetensors, prompt_vectors.safetensors
     <out>/results.json, results.md, p_at_1.png, wandb/   written by the coordinator
+    <out>/run.lock                              held by the coordinator while a job runs: who holds it
 
-Every file is written to a temporary file and renamed.
+Every file is written to a temporary file and renamed. A folder being resumed is checked whole before anything is
+written to it: every record, checkpoint and saved encoder must read back, or the run stops with one line naming the
+file (a broken checkpoint is refused, not silently dropped: deleting it restarts that relation).
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ptuning.config import ConfigError, ExperimentConfig, config_from_dict
-from ptuning.data import DataError
+from ptuning.files import DataError, read_json_object
 from ptuning.results import atomic_write, atomic_write_text, load_tensors, save_tensors
 
 FINAL = ("done", "manual_only", "evaluated")
@@ -43,18 +50,39 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
+# What RelationRun.state_dict writes, by type: a checkpoint without one of them is not one of ours.
+CHECKPOINT_FIELDS = {"epoch": int, "order": list, "cursor": int, "best_dev": float, "best_epoch": int,
+                     "bad_epochs": int, "dev_history": list, "seconds": (int, float), "generator": torch.Tensor,
+                     "torch_rng": torch.Tensor, "optimizer": dict}
+
+
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         return None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    return read_json_object(path, "a JSON object (a record this program wrote)")
 
 
 class RunStore:
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
+        self._lock: int | None = None  # the descriptor holding run.lock, while this process holds it
+
+    def lock(self, holder: str) -> None:
+        """Hold <out>/run.lock until this process ends (an fcntl lock, released with the process however it ends,
+        NFS included). A second job on the folder (a requeued job overlapping one still alive, say) stops with
+        the first one's description instead of interleaving with it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{self.root}: in use by {other}; wait for that job to end, or use another "
+                              "output.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (holder + "\n").encode(), 0)
+        self._lock = fd
 
     def relation_dir(self, relation: str) -> Path:
         return self.root / "relations" / relation
@@ -69,6 +97,7 @@ class RunStore:
             for name in ("results.json", "results.md", "p_at_1.png"):
                 (self.root / name).unlink(missing_ok=True)
         else:
+            self.check()
             previous = _read_json(path)
             if previous is not None:
                 # a section the folder's file lacks was added since: the folder was made with its defaults
@@ -82,6 +111,20 @@ class RunStore:
                         f"{self.root}: holds results made with other settings ({', '.join(changed)}); use another "
                         "output.dir, or --set output.resume=false to start it over")
         atomic_write_text(path, json.dumps(identity(cfg), indent=2) + "\n")
+
+    def check(self) -> None:
+        """Every record, checkpoint and saved encoder in the folder reads back (before anything is written)."""
+        for folder in sorted(p for p in (self.root / "relations").glob("*") if p.is_dir()):
+            relation = folder.name
+            self.result(relation), self.progress(relation)
+            self.load_checkpoint(relation)
+            if self.encoder_path(relation).is_file():
+                try:
+                    with safe_open(self.encoder_path(relation), framework="pt"):
+                        pass
+                except (SafetensorError, OSError) as error:
+                    raise DataError(f"{self.encoder_path(relation)}: cannot read the saved prompt encoder ({error}); "
+                                    f"delete {folder} to train {relation} again") from None
 
     # ---- per-relation records ---------------------------------------------------------------------------------
     def result(self, relation: str) -> dict | None:
@@ -110,13 +153,23 @@ class RunStore:
         path = self.checkpoint_path(relation)
         if not path.is_file():
             return None
+        how = f"delete it to restart {relation} from scratch"
         try:
             # memory-mapped: every rank of a group reads each checkpoint for its schedule; only the owner
             # touches the ~2 GB of encoder and optimizer state
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # a truncated or foreign file: say which, and how to go on
-            raise DataError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error}); delete it to "
-                            f"restart {relation} from scratch") from None
+            why = (f"{type(error).__name__}: {str(error).splitlines()[0]}" if zipfile.is_zipfile(path) else
+                   "not a whole torch checkpoint: truncated, or another kind of file")
+            raise DataError(f"{path}: cannot read the checkpoint ({why}); {how}") from None
+        if not isinstance(state, dict):
+            raise DataError(f"{path}: not a checkpoint of this program (a {type(state).__name__}); {how}")
+        for key, kind in CHECKPOINT_FIELDS.items():
+            if key not in state:
+                raise DataError(f"{path}: not a checkpoint of this program (no '{key}'); {how}")
+            if not isinstance(state[key], kind) or isinstance(state[key], bool):
+                raise DataError(f"{path}: field '{key}' is a {type(state[key]).__name__}; {how}")
+        return state
 
     def remove_checkpoint(self, relation: str) -> None:
         self.checkpoint_path(relation).unlink(missing_ok=True)
@@ -136,4 +189,7 @@ class RunStore:
         path = self.encoder_path(relation)
         if not path.is_file():
             raise DataError(f"{path}: no saved prompt encoder for {relation}; train first (without --only-evaluate)")
-        return load_tensors(path)
+        try:
+            return load_tensors(path)
+        except SafetensorError as error:
+            raise DataError(f"{path}: cannot read the saved prompt encoder ({error})") from None

@@ -159,17 +159,33 @@ def test_kill_9_between_interval_checkpoints_then_restart_equals_an_uninterrupte
     assert not store.checkpoint_path("P36").exists()
 
 
-def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama, tmp_path):
-    # P37 falls to rank 1 (balance: P1001, P36 on group 0; P1376, P37 on group 1); its checkpoint is garbage
+def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama_copy, tmp_path):
+    """P36 falls to rank 1 (three relations of 24 facts: P1376 and P37 on group 0); one of its training facts is
+    longer than the tiny model's 128 positions, so its first training step fails inside the model."""
+    train = lama_copy / "fact-retrieval" / "original" / "P36" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[0] = json.dumps({"sub_label": " ".join(["Springfield"] * 150), "obj_label": "Paris"})
+    train.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = sweep_args(tiny_gpt2, lama_copy, tmp_path, "--relations", "P1376,P36,P37", "--set", "logging.wandb=false")
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29614"] + args,
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode != 0
+    assert "error: rank 1 failed on relation(s) P36: IndexError" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_broken_checkpoint_stops_the_job_before_anything_is_written(tiny_gpt2, lama, tmp_path):
     store = RunStore(tmp_path)
     store.checkpoint_path("P37").parent.mkdir(parents=True)
     store.checkpoint_path("P37").write_bytes(b"not a checkpoint")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29614"]
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29617"]
                           + sweep_args(tiny_gpt2, lama, tmp_path, "--set", "logging.wandb=false"),
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert proc.returncode != 0
-    assert "error: rank 1 failed on relation(s) P37" in proc.stderr and "delete it to restart P37" in proc.stderr
+    assert proc.returncode != 0 and "exitcode: 2" in proc.stderr  # rank 0's user-error status
+    assert "P37/checkpoint.pt: cannot read the checkpoint" in proc.stderr
+    assert "delete it to restart P37 from scratch" in proc.stderr
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "run_config.json").exists()
 
 
 def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):

@@ -123,6 +123,16 @@ def test_a_tied_output_projection_is_checked_then_dropped(lama, merged, tmp_path
         merge(untied, tmp_path / "out")
 
 
+def test_a_part_saved_with_fairseq_cfg_instead_of_args_reads_the_same(release, tmp_path):
+    part = torch.load(release[0] / PART.format(0), weights_only=False)
+    part["cfg"] = {"model": vars(part.pop("args")), "common": {"model_parallel_size": 8}}
+    part["args"] = None
+    folder = _linked_copy(release[0], tmp_path / "cfg")
+    (folder / PART.format(0)).unlink()
+    torch.save(part, folder / PART.format(0))
+    assert read_spec(folder) == read_spec(release[0])
+
+
 @pytest.mark.parametrize("key, value, meaning", [
     ("no_token_positional_embeddings", True, "no positional embeddings"),
     ("decoder_learned_pos", True, "learned positional embeddings"),
