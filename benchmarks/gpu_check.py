@@ -143,7 +143,7 @@ def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str
     tasks, vocab = tasks_for(tokenizer, backbone.vocab_size, relations, layout, "roberta-large", cfg)
     trainer = Trainer(backbone, cfg, vocab.allowed)
     plan = capacity.plan_for(backbone, cfg, 1)
-    auto = min(plan.relations if plan.relations is not None else len(tasks), len(tasks), auto_cap)
+    auto = min(plan.units if plan.units is not None else len(tasks), len(tasks), auto_cap)
     check.add("megatron_auto", "Megatron: relations that pack (auto)", auto, "d", plan.reason)
     shape = capacity.shape_of(backbone)
     dense = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)

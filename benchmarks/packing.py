@@ -42,7 +42,7 @@ def child(model: str, data_dir: str, relations: str, pack: int, row_tokens: int,
     cfg = load_config(None, [f"model.name={model}", f"data.relations={relations}", f"data.max_train={max_train}",
                              "data.max_dev=48", "data.max_test=64", f"train.max_epochs={epochs}",
                              f"train.patience={epochs}", "train.lr=1e-3", "train.manual_baseline=false",
-                             f"train.pack_relations={pack}", f"train.row_tokens={row_tokens}", "logging.wandb=false",
+                             f"train.pack_units={pack}", f"train.row_tokens={row_tokens}", "logging.wandb=false",
                              "logging.progress=off", f"output.dir={out}", "prompt.template=[3,3,0]", *overrides])
     phases = {"train steps": 0.0, "evaluation": 0.0}
     Trainer._step = timed(phases, "train steps", Trainer._step)

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "logging, parallel, deepspeed); defaults when omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key; repeatable")
+    parser.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                        help="train every relation under each value (an axis of the sweep's grid, e.g. "
+                             "train.seed=34,35,36); repeatable: every combination")
     parser.add_argument("--relations", help="comma-separated relation ids, e.g. P19,P1001 (default: the config's)")
     parser.add_argument("--data-dir", help="LAMA folder holding fact-retrieval/ (default: data.data_dir, "
                                            "$LAMA_DATA, ./data)")
@@ -48,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"data.relations={args.relations}")
     if args.out:
         overrides.append(f"output.dir={args.out}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, args.sweep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ For tensor parallel 1, 2, 4 and 8, per rank: the LM's weights (bf16/fp16), each 
 (fp32 parameters, gradients and Adam on the device; its best copy in host memory) with the encoders sharded over
 the group (parallel.shard_prompts), the activations a packed step keeps for backward to the prompts (the LM is
 frozen: no weight gradients, no optimizer state), and how many relations pack within --gpu-mem. The arithmetic is
-ptuning/capacity.py's, the same that train.pack_relations "auto" uses.
+ptuning/capacity.py's, the same that train.pack_units "auto" uses.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def report(spec: MegatronSpec, counts: tuple[int, ...], encoder_kind: str, batch
         held = math.ceil(relations / tp)
         activations = capacity.activation_bytes(shape, batch, tokens, tp, 2)
         total = weights + held * on_device + relations * activations
-        fit = capacity.relations_that_fit(int(usable - weights), on_device, activations, tp)
+        fit = capacity.units_that_fit(int(usable - weights), on_device, activations, tp)
         lines.append(f"| {tp} | {weights / GIB:.1f} GiB | {held} | {held * on_device / GIB:.1f} GiB | "
                      f"{relations * activations / GIB:.1f} GiB | {total / GIB:.1f} GiB | {fit} |")
     lines += ["", "Host memory per rank holds the best-epoch copies: "

@@ -1,12 +1,13 @@
-"""How many relations pack on one device: the arithmetic behind train.pack_relations "auto" and the memory
+"""How many units (relations under one variant each) pack on one device: the arithmetic behind train.pack_units
+"auto" and the memory
 report (python -m model_parallel.memory).
 
-Per rank, for k relations packed, with the prompt encoders sharded over a tensor-parallel group of size tp:
+Per rank, for k units packed, with the prompt encoders sharded over a tensor-parallel group of size tp:
 
     weights                                  the LM's share on this rank (frozen: no gradients, no optimizer)
     + ceil(k / tp) x encoder state           fp32 parameters, gradients and Adam's two moments (16 bytes per
                                              parameter); the best-epoch copy lives in host memory
-    + k x activations of one relation's step what backward to the prompts keeps, for train.batch_size facts
+    + k x activations of one unit's step     what backward to the prompts keeps, for train.batch_size facts
     <= usable memory                         the device's free memory after loading, less a reserve
 
 The sum is an upper bound (gradients and activations never peak together); `make gpu-check` measures the real
@@ -77,11 +78,11 @@ def activation_bytes(shape: Shape, facts: int, tokens: int, tp: int, bytes_per: 
 
 @dataclass(frozen=True)
 class Plan:
-    relations: int | None  # the most that fit; None: no limit known (CPU memory is not the constraint)
+    units: int | None  # the most that fit; None: no limit known (CPU memory is not the constraint)
     reason: str
 
 
-def relations_that_fit(usable: int, encoder: int, activations: int, tp: int, limit: int = 10_000) -> int:
+def units_that_fit(usable: int, encoder: int, activations: int, tp: int, limit: int = 10_000) -> int:
     """The largest k with ceil(k / tp) x encoder + k x activations <= usable (0 if not even one)."""
     k = 0
     while k < limit and math.ceil((k + 1) / tp) * encoder + (k + 1) * activations <= usable:
@@ -96,10 +97,10 @@ def step_tokens(counts: tuple[int, ...]) -> int:
 
 
 def plan_for(backbone, cfg, tp_shards: int) -> Plan:
-    """How many relations fit on the backbone's device, as it is now (weights loaded)."""
+    """How many units fit on the backbone's device, as it is now (weights loaded)."""
     device = backbone.device
     if device.type != "cuda":
-        return Plan(None, f"on {device.type}, every relation packs")
+        return Plan(None, f"on {device.type}, every unit packs")
     free, total = torch.cuda.mem_get_info(device)
     usable = free - int(RESERVE * total)
     shape = shape_of(backbone)
@@ -108,7 +109,7 @@ def plan_for(backbone, cfg, tp_shards: int) -> Plan:
     bytes_per = 4 if backbone_dtype(backbone) == torch.float32 else 2
     tp = getattr(backbone.model, "tp", 1)
     activations = activation_bytes(shape, cfg.train.batch_size, step_tokens(counts), tp, bytes_per)
-    k = relations_that_fit(usable, encoder, activations, tp_shards)
+    k = units_that_fit(usable, encoder, activations, tp_shards)
     return Plan(k, f"{free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, {RESERVE:.0%} kept back; per relation "
                    f"{encoder / GIB:.2f} GiB of encoder state (on 1 of {tp_shards} ranks) and "
                    f"{activations / GIB:.2f} GiB of activations")

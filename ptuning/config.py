@@ -72,9 +72,10 @@ class TrainConfig:
     max_epochs: int = 100
     patience: int = 20  # stop a relation after this many epochs without a better dev P@1
     seed: int = 34
-    # How many relations train together in one packed batch; 0 = all of them; "auto" = as many as the device's
-    # memory holds (python -m model_parallel.memory shows the arithmetic).
-    pack_relations: int | str = 0
+    # How many units (a relation under one sweep variant) train together in one packed batch. N > 0: packs of N
+    # in order, the same under any world size; 0: each data-parallel group's share as one pack; "auto": as many as
+    # the device's memory holds (python -m model_parallel.memory shows the arithmetic).
+    pack_units: int | str = 0
     # A step's packed rows go through the LM in length-sorted chunks of at most this many rows (0: one padded
     # batch). Less padding; the same gradients (one backward over the summed chunk losses).
     bucket_rows: int = 64
@@ -113,12 +114,13 @@ class ParallelConfig:
     # group's size); false keeps a copy on every rank.
     shard_prompts: bool = True
     threads: int = 0  # CPU threads each rank computes with (torch.set_num_threads); 0 leaves torch's default
-    # The same floats for a relation under 1 or N ranks: packs of train.pack_relations (> 0) that do not depend on
+    # The same floats for a relation under 1 or N ranks: packs of train.pack_units (> 0) that do not depend on
     # the world size, parallel.threads (> 0) threads on every rank, and torch's deterministic algorithms (a GPU's
     # too). Needs both set; costs the speed of whatever the world could have done otherwise.
     deterministic: bool = False
 
 
+RENAMED = {"train.pack_relations": "train.pack_units (a unit is a relation under one sweep variant)"}
 QUIRKS = ("causal_loss_shift", "mask_before_subject", "lm_dropout", "latest_tie", "drop_last",
           "last_epoch_unevaluated", "lm_fp16", "bpe_spaces")
 
@@ -166,6 +168,10 @@ class ExperimentConfig:
     # A DeepSpeed config (zero_optimization, bf16, fp16, ...). When present, the LM fine-tuning modes put their
     # trainable parameters through deepspeed.initialize; prompt-only runs keep the plain per-relation Adam.
     deepspeed: dict | None = None
+    # Variants of the settings that belong to one prompt encoder, trained together as units (ptuning/units.py):
+    # {"variants": [{"train.lr": 1e-3}, ...], "grid": {"train.seed": [34, 35, 36]}}: every variant with every
+    # combination of the grid. None: the run's own settings, one variant.
+    sweep: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,7 +233,9 @@ def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            hint = RENAMED.get(f"{where.rsplit(' ', 1)[-1]}.{key}")
+            raise ConfigError(f"{where}.{key}: " + (f"renamed {hint}" if hint else
+                                                    f"unknown key (known: {', '.join(sorted(known))})"))
         value = _coerce(value, hints[key], f"{where}.{key}")
         choices = known[key].metadata.get("choices")
         if choices and value not in choices:
@@ -250,10 +258,17 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentC
                 raise ConfigError(f"{source}: deepspeed: expected an object (a DeepSpeed config)")
             sections[name] = values
             continue
+        if name == "sweep":  # checked whole below, against the settings it varies (ptuning/units.py)
+            sections[name] = values
+            continue
         sections[name] = _build_section(_section_class(name), values, f"{source}: {name}")
     config = ExperimentConfig(**sections)
     _check(config, source)
     _resolve_protocol(config, source)
+    if config.sweep is not None:
+        from ptuning.units import variants  # every variant's settings checked now, before anything runs
+
+        variants(config, source)
     return config
 
 
@@ -294,9 +309,9 @@ def _check(config: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.bucket_rows: must be >= 0 (0 turns length buckets off)")
     if config.train.row_tokens < 0:
         raise ConfigError(f"{source}: train.row_tokens: must be >= 0 (0 puts one fact in each row)")
-    pack = config.train.pack_relations
+    pack = config.train.pack_units
     if (isinstance(pack, str) and pack != "auto") or (isinstance(pack, int) and pack < 0):
-        raise ConfigError(f"{source}: train.pack_relations: must be >= 0 (0 packs all relations) or \"auto\"")
+        raise ConfigError(f"{source}: train.pack_units: must be >= 0 (0 packs all relations) or \"auto\"")
     zero = (config.deepspeed or {}).get("zero_optimization") or {}
     if isinstance(zero, dict) and zero.get("stage", 0) == 3:
         raise ConfigError(f"{source}: deepspeed.zero_optimization.stage 3 partitions the LM's parameters across the "
@@ -305,7 +320,7 @@ def _check(config: ExperimentConfig, source: str) -> None:
     if config.parallel.threads < 0:
         raise ConfigError(f"{source}: parallel.threads: must be >= 0 (0 leaves torch's default)")
     if config.parallel.deterministic and not (isinstance(pack, int) and pack > 0 and config.parallel.threads > 0):
-        raise ConfigError(f"{source}: parallel.deterministic needs train.pack_relations > 0 (packs that do not depend "
+        raise ConfigError(f"{source}: parallel.deterministic needs train.pack_units > 0 (packs that do not depend "
                           "on the world size) and parallel.threads > 0 (the same threads on every rank)")
     if config.output.checkpoint_minutes < 0:
         raise ConfigError(f"{source}: output.checkpoint_minutes: must be >= 0 (0 checkpoints every epoch)")
@@ -327,8 +342,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a JSON config (or start from defaults when path is None) and apply `--set` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), sweep: list[str] = ()) -> ExperimentConfig:
+    """Read a JSON config (or start from defaults when path is None), apply `--set` overrides, and add each
+    `--sweep key=v1,v2` as an axis of the sweep's grid."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -348,4 +364,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ConfigError(f"{source}: {section}: expected an object of keys, got {raw[section]!r}")
         raw[section][key] = value
+    if sweep:
+        from ptuning.units import parse_axis
+
+        if not isinstance(raw.setdefault("sweep", {}) or {}, dict):
+            raise ConfigError(f"{source}: sweep: expected an object with 'variants' and/or 'grid'")
+        raw["sweep"] = raw["sweep"] or {}
+        grid = raw["sweep"].setdefault("grid", {})
+        for text in sweep:
+            key, values = parse_axis(text)
+            grid[key] = values
     return config_from_dict(raw, source)

@@ -1,59 +1,86 @@
-"""The coordinator (rank 0): gathers each relation's record as it lands in the output folder, rewrites
-results.json / results.md, and logs to W&B; at the end, the table, the summary and the bar chart."""
+"""The coordinator (rank 0): gathers every unit's record as it lands in the output folder, rewrites results.json /
+results.md, drives the progress bar and logs to W&B; at the end, the statistics over seeds and test facts, the
+table, the summaries and the bar chart."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any
 
+from ptuning import stats
+from ptuning.progress import Progress
 from ptuning.results import Report, plot_p_at_1
 from ptuning.store import FINAL, RunStore
+from ptuning.units import SEED, Variant
 from ptuning.wandb_log import WandbLogger
 
 
 class Coordinator:
     def __init__(self, store: RunStore, header: dict[str, Any], relations: dict[str, dict[str, Any]],
-                 logger: WandbLogger | None = None, announce: Callable[[str], None] = lambda line: None):
-        self.store, self.logger, self.announce = store, logger, announce
+                 variants: list[Variant], logger: WandbLogger | None = None, progress: Progress | None = None):
+        self.store, self.logger, self.progress = store, logger, progress or Progress("off")
+        self.variants = variants
         self.report = Report(store.root, header)
         self.report.merge(relations)
+        self.relations = [rid for rid, r in relations.items() if r.get("status") != "skipped"]
         self._seen: dict[str, dict] = {}
         self._epochs_logged: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _unit_id(self, relation: str, variant: Variant) -> str:
+        return relation if not variant.name else f"{relation}/{variant.name}"
+
     def poll(self) -> None:
         with self._lock:
-            updates = {}
-            for rid, current in self.report.payload["relations"].items():
-                if current.get("status") == "skipped":
-                    continue
-                self._log_epochs(rid)
-                record = self.store.result(rid)
-                if record is None or record == self._seen.get(rid):
-                    continue
-                was_final = self._seen.get(rid, {}).get("status") in FINAL
-                self._seen[rid] = record
-                updates[rid] = record
-                if record.get("status") in FINAL and not was_final:
-                    if self.logger is not None:
-                        self.logger.relation_final(rid, record)
-                    if record.get("test_p@1") is not None:
-                        best = f" (best dev epoch {record['best_epoch']})" if "best_epoch" in record else ""
-                        self.announce(f"{rid} done: test P@1 {record['test_p@1']:.3f}{best}")
-            if updates:
-                self.report.merge(updates)
+            relations, units, finals = {}, {}, []
+            units_done = epochs_done = 0
+            for rid in self.relations:
+                own = self.store.result(rid)
+                if own is not None and own != self._seen.get(rid):
+                    relations[rid] = own
+                for variant in self.variants:
+                    uid = self._unit_id(rid, variant)
+                    epochs = self._log_epochs(uid, rid, variant)
+                    record = own if not variant.name else self.store.result(uid)
+                    final = (record or {}).get("status") in FINAL
+                    units_done += final
+                    # a unit that stopped early has done its remaining epochs too
+                    epochs_done += variant.cfg.train.max_epochs if final else epochs
+                    if record is None or (variant.name and record == self._seen.get(uid)):
+                        continue
+                    was_final = (self._seen.get(uid) or {}).get("status") in FINAL
+                    self._seen[uid] = record
+                    if variant.name:
+                        units[rid, variant.name] = record
+                    if final and not was_final:
+                        finals.append((uid, rid, variant, record))
+                if own is not None:
+                    self._seen[rid] = own
+            self.progress.advance(units_done, epochs_done)
+            for final in finals:
+                self._announce(*final)
+            if relations or units:
+                self.report.merge(relations, units)
 
-    def _log_epochs(self, relation: str) -> None:
-        if self.logger is None:
-            return
-        progress = self.store.progress(relation)
+    def _announce(self, uid: str, relation: str, variant: Variant, record: dict) -> None:
+        if self.logger is not None:
+            self.logger.unit_final(relation, variant.name, {**(self.store.result(relation) or {}), **record})
+        if record.get("test_p@1") is not None:
+            best = f" (best dev epoch {record['best_epoch']})" if "best_epoch" in record else ""
+            self.progress.unit_done(f"{uid} done: test P@1 {record['test_p@1']:.3f}{best}")
+
+    def _log_epochs(self, uid: str, relation: str, variant: Variant) -> int:
+        """Dev P@1 of the epochs not yet logged; returns how many epochs the unit has run."""
+        progress = self.store.progress(uid)
         if not progress:
-            return
+            return 0
         history = progress["dev_history"]
-        for epoch in range(self._epochs_logged.get(relation, 0), len(history)):
-            self.logger.epoch(relation, epoch + 1, history[epoch])
-        self._epochs_logged[relation] = len(history)
+        if self.logger is not None:
+            for epoch in range(self._epochs_logged.get(uid, 0), len(history)):
+                self.logger.epoch(relation, variant.name, epoch + 1, history[epoch])
+        self._epochs_logged[uid] = len(history)
+        return len(history)
 
     def start(self, interval: float = 2.0) -> None:
         def loop() -> None:
@@ -68,8 +95,43 @@ class Coordinator:
         if self._thread is not None:
             self._thread.join()
         self.poll()
+        self.report.add_statistics(self.statistics())
         payload = self.report.payload
         plot = plot_p_at_1(payload, self.store.root / "p_at_1.png")
         if self.logger is not None:
             self.logger.finish(payload, plot)
         return payload
+
+    def statistics(self) -> dict[str, Any]:
+        """Per setting (the variants that differ only by seed): the seeds pooled over the relations every one of
+        them finished; the manual prompt; a sweep's settings against its first."""
+        settings: dict[str, list[Variant]] = {}
+        for variant in self.variants:
+            settings.setdefault(variant.setting if variant.name else "", []).append(variant)
+        out: dict[str, Any] = {"settings": {}}
+        hits: dict[str, stats.Setting] = {}
+        for name, members in settings.items():
+            ranks = {}
+            for rid in self.relations:
+                rows = [self.store.ranks(self._unit_id(rid, v), "test") for v in members]
+                if all(r is not None for r in rows):
+                    ranks[rid] = rows
+            if not ranks:
+                continue
+            seeds = [v.cfg.train.seed for v in members]
+            hits[name] = stats.setting_from_ranks(ranks, seeds)
+            out["settings"][name] = {**stats.summary(hits[name]), "relations": stats.relation_spread(hits[name]),
+                                     "seed_key": SEED}
+        manual = {rid: [r] for rid in self.relations if (r := self.store.ranks(rid, "manual")) is not None}
+        if manual:
+            manual_setting = stats.setting_from_ranks(manual, [0])
+            out["manual"] = stats.summary(manual_setting)
+            for name, setting in hits.items():
+                if setting.hits.keys() == manual_setting.hits.keys():
+                    out["settings"][name]["gain_over_manual"] = stats.difference(setting, manual_setting)
+        names = list(hits)
+        if len(names) > 1:
+            first = hits[names[0]]
+            out["against_first"] = {n: stats.difference(hits[n], first) for n in names[1:]
+                                    if hits[n].hits.keys() == first.hits.keys()}
+        return out

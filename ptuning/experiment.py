@@ -1,10 +1,10 @@
 """One experiment end to end: data, model, answer vocabulary, manual baseline, P-tuning, results on disk.
 
-Every rank runs this. Relations are spread over the data-parallel groups by their training work; each group's
-writer rank records its relations in the output folder (ptuning/store.py), and the coordinator (rank 0) folds
-those records into results.json, results.md and W&B as they land. One process is the special case of one group.
-Knows nothing of how it was launched: launcher/run.py parses the command line, makes the process groups and
-calls run_experiment.
+Every rank runs this. The units (each relation under each sweep variant, ptuning/units.py) are cut into packs and
+the packs spread over the data-parallel groups by their training work; each unit's writer rank records it in the
+output folder (ptuning/store.py), and the coordinator (rank 0) folds those records into results.json, results.md
+and W&B as they land. One process is the special case of one group. Knows nothing of how it was launched:
+launcher/run.py parses the command line, makes the process groups and calls run_experiment.
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from ptuning.progress import Progress
 from ptuning.store import RunStore
 from ptuning.templates import TemplateError
 from ptuning.tasks import RelationTask, prepare_task, read_relation
-from ptuning.trainer import RelationOutcome, RelationRun, Trainer
+from ptuning.trainer import Trainer, UnitOutcome, UnitRun
+from ptuning.units import Unit, units, variants
 from ptuning.vocab import AnswerVocab, build_answer_vocab, default_vocab_key
+from ptuning.metrics import summarize_ranks
 from ptuning.wandb_log import WandbLogger
 
 
@@ -34,11 +36,11 @@ USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)  # one line an
 
 
 class RelationFailure(RuntimeError):
-    """A rank failed while working on some relations; the message names both."""
+    """A rank failed while working on some units; the message names both."""
 
 
 class Stopped(RuntimeError):
-    """SIGTERM/SIGUSR1 stopped the run after checkpointing every relation under way; the same command resumes."""
+    """SIGTERM/SIGUSR1 stopped the run after checkpointing every unit under way; the same command resumes."""
 
 
 def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "train",
@@ -54,18 +56,21 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     if missing:
         raise DataError(f"{layout.root}: relations.jsonl has no template for {', '.join(missing)}")
     facts = {r: read_relation(layout, r) for r in relation_ids}  # every data error surfaces before the model loads
+    sweep = variants(cfg)
 
     if ctx.device is not None:
         cfg.model.device = str(ctx.device)
+        for variant in sweep:
+            variant.cfg.model.device = cfg.model.device
     backbone = load_backbone(cfg.model, ctx)
     vocab, vocab_key = answer_vocab(cfg, backbone, layout)
     mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
-    ready = {t.id: t for t in tasks if t.skip_reason is None}
-    shares = assign_packs({r: len(t.splits["train"]) for r, t in ready.items()}, cfg.train.pack_relations,
+    ready = [t for t in tasks if t.skip_reason is None]
+    by_id = {u.id: u for u in units(ready, sweep)}
+    shares = assign_packs({i: len(u.task.splits["train"]) for i, u in by_id.items()}, cfg.train.pack_units,
                           ctx.n_groups)
-    packs = [[ready[r] for r in pack] for pack in shares[ctx.group_index]]
-    mine = [t for pack in packs for t in pack]
+    packs = [[by_id[i] for i in pack] for pack in shares[ctx.group_index]]
 
     header = {
         "model": cfg.model.name, "kind": backbone.kind,
@@ -75,13 +80,16 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         "protocol": cfg.protocol.describe(),
         "data_dir": str(layout.root), "world_size": ctx.world_size, "config": cfg.to_dict(),
     }
-    progress = Progress(cfg.logging.progress if ctx.coordinator else "lines", total=len(ready))
+    if cfg.sweep is not None:
+        header["variants"] = {v.name: {"overrides": v.overrides, "setting": v.setting} for v in sweep}
+    progress = Progress(cfg.logging.progress if ctx.coordinator else "lines", total=len(by_id),
+                        epochs=sum(u.variant.cfg.train.max_epochs for u in by_id.values()))
     coordinator = None
     if ctx.coordinator:
         store.lock(ctx.job or f"pid {os.getpid()}")
         store.prepare(cfg)
-        coordinator = Coordinator(store, header, {t.id: _base_fields(t) for t in tasks},
-                                  _wandb(cfg, store, header) if cfg.logging.wandb else None, progress.relation_done)
+        coordinator = Coordinator(store, header, {t.id: _base_fields(t) for t in tasks}, sweep,
+                                  _wandb(cfg, store, header, sweep) if cfg.logging.wandb else None, progress)
         coordinator.start()
     ctx.barrier()  # the folder is checked (or cleared) before any rank reads or writes it
 
@@ -91,13 +99,13 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     except USER_ERRORS:
         raise  # a bad file or setting found on the way: one line, not a rank failure
     except Exception as error:
-        relations = ", ".join(worker.trainer.active or [t.id for t in mine]) or "-"
-        raise RelationFailure(f"rank {ctx.rank} failed on relation(s) {relations}: "
+        active = ", ".join(worker.trainer.active or [u.id for pack in packs for u in pack]) or "-"
+        raise RelationFailure(f"rank {ctx.rank} failed on relation(s) {active}: "
                               f"{type(error).__name__}: {error}") from error
     if not finished:
-        raise Stopped(f"rank {ctx.rank}: stopped by {worker.trainer.stop.name} after checkpointing its relations "
+        raise Stopped(f"rank {ctx.rank}: stopped by {worker.trainer.stop.name} after checkpointing its units "
                       "under way; run the same command to resume")
-    ctx.barrier()  # every group's relations are on disk
+    ctx.barrier()  # every group's units are on disk
     if coordinator is None:
         return None
     payload = coordinator.finish()
@@ -122,37 +130,38 @@ def _base_fields(task: RelationTask) -> dict[str, Any]:
     return fields
 
 
-def _wandb(cfg: ExperimentConfig, store: RunStore, header: dict[str, Any]) -> WandbLogger:
+def _wandb(cfg: ExperimentConfig, store: RunStore, header: dict[str, Any], sweep: list) -> WandbLogger:
     group = cfg.logging.wandb_group or f"{Path(cfg.model.name).name}-{cfg.data.vocab}"
     job_type = cfg.logging.wandb_job_type or header["mode"]
-    return WandbLogger(store.root, header, group=group, job_type=job_type, name=f"{group}-seed{cfg.train.seed}",
+    return WandbLogger(store.root, header, group=group, job_type=job_type, variants=sweep,
                        project=cfg.logging.wandb_project)
 
 
 class _Worker:
-    """What every rank does with its data-parallel group's relations; only the writer rank writes."""
+    """What every rank does with its data-parallel group's units; only each unit's writer writes."""
 
     def __init__(self, cfg: ExperimentConfig, store: RunStore, backbone, allowed, ctx: ParallelContext,
                  progress: Progress, header: dict[str, Any]):
         self.cfg, self.store, self.ctx, self.progress = cfg, store, ctx, progress
         self.trainer = Trainer(backbone, cfg, allowed, progress=progress.line, parallel=ctx)
         self.model_name = header["model"]
-        self.last_checkpoint: dict[str, float] = {}  # relation -> when its last checkpoint was written
+        self.last_checkpoint: dict[str, float] = {}  # unit -> when its last checkpoint was written
 
-    def record(self, relation: str, fields: dict[str, Any]) -> None:
+    def record(self, unit: str, fields: dict[str, Any]) -> None:
+        """A record this rank's tensor-parallel group shares (the manual baseline): its first rank writes it."""
         if self.ctx.writer:
-            self.store.write_result(relation, fields)
+            self.store.write_result(unit, fields)
 
-    def run(self, packs: list[list[RelationTask]], mode: str) -> bool:
+    def run(self, packs: list[list[Unit]], mode: str) -> bool:
         """This group's packs, one after another. False when a signal stopped training (checkpoints written), True
-        otherwise. Everything a pack evaluates (manual prompts, dev, test) is batched within the pack, so a relation
+        otherwise. Everything a pack evaluates (manual prompts, dev, test) is batched within the pack, so a unit
         sees the same batches whichever group its pack falls to."""
         if self.cfg.output.resume:
             final = {"train": "done", "manual": "manual_only", "evaluate": "evaluated"}[mode]
-            done = [t.id for pack in packs for t in pack if (self.store.result(t.id) or {}).get("status") == final]
+            done = [u.id for pack in packs for u in pack if (self.store.result(u.id) or {}).get("status") == final]
             if done:
                 self.progress.line(f"already final, skipped: {', '.join(done)}")
-            packs = [[t for t in pack if t.id not in done] for pack in packs]
+            packs = [[u for u in pack if u.id not in set(done)] for pack in packs]
             packs = [pack for pack in packs if pack]
         if not packs:
             return True
@@ -162,81 +171,92 @@ class _Worker:
         for pack in packs:
             if mode == "manual":
                 self.manual_baseline(pack, always=True)
-                for task in pack:
-                    self.record(task.id, {"status": "manual_only"})
+                for unit in pack:
+                    self.record(unit.id, {"status": "manual_only"})
             else:
                 self.manual_baseline(pack)
                 self.evaluate_saved(pack)
         return True
 
-    def manual_baseline(self, tasks: list[RelationTask], always: bool = False) -> None:
-        """The manual prompts' test P@1 of the relations that have none recorded yet (train.manual_baseline, or
-        always for --manual-baseline)."""
+    def manual_baseline(self, pack: list[Unit], always: bool = False) -> None:
+        """The manual prompts' test P@1 of the pack's relations that have none recorded yet (train.manual_baseline,
+        or always for --manual-baseline). A relation's, whatever the variant: the manual prompt has no settings a
+        sweep varies."""
+        tasks = list({u.relation: u.task for u in pack}.values())
         need = [t for t in tasks if "manual_p@1" not in (self.store.result(t.id) or {})]
         if not need or not (always or self.cfg.train.manual_baseline):
             return
         self.progress.line(f"manual prompts: evaluating test for {len(need)} relations")
-        for rid, m in self.trainer.evaluate_manual(need).items():
-            self.record(rid, {"manual_p@1": m["p@1"], "manual_p@10": m["p@10"], "manual_mrr": m["mrr"]})
+        for task, ranks in zip(need, self.trainer.ranks(self.trainer.manual_items(need))):
+            m = summarize_ranks(ranks)
+            self.record(task.id, {"manual_p@1": m["p@1"], "manual_p@10": m["p@10"], "manual_mrr": m["mrr"]})
+            if self.ctx.writer:
+                self.store.write_ranks(task.id, "manual", ranks.tolist())
 
-    def restore(self, task: RelationTask) -> dict | None:
-        return self.store.load_checkpoint(task.id) if self.cfg.output.resume else None
+    def restore(self, unit: Unit) -> dict | None:
+        return self.store.load_checkpoint(unit.id) if self.cfg.output.resume else None
 
-    def epoch_done(self, run: RelationRun) -> None:
+    def epoch_done(self, run: UnitRun) -> None:
         """Progress after every epoch; a checkpoint once output.checkpoint_minutes have passed since the last."""
         if not run.writes:
             return
-        self.store.write_progress(run.task.id, {"dev_history": run.dev_history})
-        last = self.last_checkpoint.setdefault(run.task.id, run.started)
+        self.store.write_progress(run.unit.id, {"dev_history": run.dev_history})
+        last = self.last_checkpoint.setdefault(run.unit.id, run.started)
         if self.trainer.checkpoints(run) and time.perf_counter() - last >= 60 * self.cfg.output.checkpoint_minutes:
             self.checkpoint(run)
 
-    def checkpoint(self, run: RelationRun) -> None:
-        self.store.save_checkpoint(run.task.id, self.trainer.run_state(run))
-        self.last_checkpoint[run.task.id] = time.perf_counter()
+    def checkpoint(self, run: UnitRun) -> None:
+        self.store.save_checkpoint(run.unit.id, self.trainer.run_state(run))
+        self.last_checkpoint[run.unit.id] = time.perf_counter()
 
-    def stopped(self, runs: list[RelationRun]) -> None:
+    def stopped(self, runs: list[UnitRun]) -> None:
         written = [r for r in runs if r.writes and self.trainer.checkpoints(r)]
         for run in written:
             self.checkpoint(run)
-        over = [r.task.id for r in runs if r.writes and not self.trainer.checkpoints(r)]
+        over = [r.unit.id for r in runs if r.writes and not self.trainer.checkpoints(r)]
         self.progress.line(f"stop requested ({self.trainer.stop.name}): checkpointed "
-                           f"{', '.join(r.task.id for r in written) or 'nothing (no relation under way here)'}"
+                           f"{', '.join(r.unit.id for r in written) or 'nothing (no unit under way here)'}"
                            + (f"; {', '.join(over)} (DeepSpeed) will start over" if over else ""))
 
-    def finished(self, outcome: RelationOutcome) -> None:
-        rid = outcome.task.id
+    def finished(self, outcome: UnitOutcome) -> None:
+        unit = outcome.unit.id
         if outcome.writes:
             if outcome.encoder is not None and self.cfg.output.save_encoders:
-                self.store.save_prompt(rid, outcome.encoder, {
-                    "relation": rid, "model": self.model_name, "encoder": self.cfg.prompt.encoder,
-                    "template": ",".join(map(str, self.trainer.counts)), "anchors": str(self.cfg.prompt.anchors)})
-            self.store.write_progress(rid, {"dev_history": outcome.metrics["dev_history"]})
-            self.store.write_result(rid, {"status": "done", **outcome.metrics})
-            self.store.remove_checkpoint(rid)
-        if not self.ctx.coordinator:  # the coordinator announces every relation as its record lands
-            self.progress.line(f"{rid} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
+                cfg = outcome.unit.variant.cfg
+                self.store.save_prompt(unit, outcome.encoder, {
+                    "relation": outcome.unit.relation, "variant": outcome.unit.variant.name,
+                    "model": self.model_name, "encoder": cfg.prompt.encoder,
+                    "template": ",".join(map(str, outcome.counts)), "anchors": str(cfg.prompt.anchors)})
+            self.store.write_progress(unit, {"dev_history": outcome.metrics["dev_history"]})
+            self.store.write_ranks(unit, "test", outcome.test_ranks)
+            self.store.write_result(unit, {"status": "done", **outcome.metrics})
+            self.store.remove_checkpoint(unit)
+        if not self.ctx.coordinator:  # the coordinator announces every unit as its record lands
+            self.progress.line(f"{unit} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
                                f"(best dev epoch {outcome.metrics['best_epoch']})")
 
-    def evaluate_saved(self, tasks: list[RelationTask]) -> None:
+    def evaluate_saved(self, pack: list[Unit]) -> None:
         loaded = []
-        for task in tasks:  # every rank evaluates with every saved encoder: no optimizer state, little memory
-            template = self.trainer.ptuning_template(task)
-            encoder = self.trainer.new_encoder(template, seed=0)
+        for unit in pack:  # every rank evaluates with every saved encoder: no optimizer state, little memory
+            template = self.trainer.ptuning_template(unit.task, unit.variant.cfg)
+            encoder = self.trainer.new_encoder(template, 0, unit.variant.cfg)
             try:
-                encoder.load_state_dict(self.store.load_encoder_state(task.id))
+                encoder.load_state_dict(self.store.load_encoder_state(unit.id))
             except RuntimeError as error:
-                raise DataError(f"{self.store.encoder_path(task.id)}: does not fit the configured prompt encoder "
+                raise DataError(f"{self.store.encoder_path(unit.id)}: does not fit the configured prompt encoder "
                                 f"({one_line(error)})") from None
-            loaded.append((task, encoder, template))
+            loaded.append((unit, encoder, template))
         with torch.no_grad():
             vectors = [enc() for _, enc, _ in loaded]
-        metrics = {}
+        ranks = {}
         for split in ("dev", "test"):
-            items = [(vec, tpl.rows([e.subject for e in t.splits[split]], [e.label for e in t.splits[split]]))
-                     for vec, (t, _, tpl) in zip(vectors, loaded)]
-            metrics[split] = self.trainer.evaluate(items)
-        for (task, _, _), dev, test in zip(loaded, metrics["dev"], metrics["test"]):
-            self.record(task.id, {"status": "evaluated", "dev_p@1": dev["p@1"], "test_p@1": test["p@1"],
-                                  "test_p@10": test["p@10"], "test_mrr": test["mrr"]})
-
+            items = [(vec, tpl.rows([e.subject for e in u.task.splits[split]],
+                                    [e.label for e in u.task.splits[split]]))
+                     for vec, (u, _, tpl) in zip(vectors, loaded)]
+            ranks[split] = self.trainer.ranks(items)
+        for (unit, _, _), dev, test in zip(loaded, ranks["dev"], ranks["test"]):
+            d, t = summarize_ranks(dev), summarize_ranks(test)
+            self.record(unit.id, {"status": "evaluated", "dev_p@1": d["p@1"], "test_p@1": t["p@1"],
+                                  "test_p@10": t["p@10"], "test_mrr": t["mrr"]})
+            if self.ctx.writer:
+                self.store.write_ranks(unit.id, "test", test.tolist())

@@ -41,22 +41,25 @@ class LMTuning:
         model.to(dtype=self.dtype)  # undo an engine's cast of the shared module
         model.load_state_dict(self.pristine)
 
-    def begin(self, encoder: torch.nn.Module | None, seed: int) -> tuple[torch.optim.Optimizer, Any]:
-        """(optimizer, DeepSpeed engine or None) for a relation that starts from the pristine LM."""
+    def begin(self, encoder: torch.nn.Module | None, seed: int,
+              unit_cfg: ExperimentConfig | None = None) -> tuple[torch.optim.Optimizer, Any]:
+        """(optimizer, DeepSpeed engine or None) for a unit that starts from the pristine LM (unit_cfg: its own
+        settings: the encoder's lr and the weight decay; the LM's lr is the run's)."""
+        train = (unit_cfg or self.cfg).train
         self._restore()
         groups = []
         if encoder is not None:
-            groups.append({"params": list(encoder.parameters()), "lr": self.cfg.train.lr})
+            groups.append({"params": list(encoder.parameters()), "lr": train.lr})
         groups.append({"params": self.backbone.unfreeze(), "lr": self.cfg.train.lm_lr})
         if self.deepspeed:
-            optimizer, engine = self._engine(encoder, groups)
+            optimizer, engine = self._engine(encoder, groups, train)
         else:
-            optimizer, engine = torch.optim.Adam(groups, weight_decay=self.cfg.train.weight_decay,
+            optimizer, engine = torch.optim.Adam(groups, weight_decay=train.weight_decay,
                                                  fused=self.backbone.device.type in ("cpu", "cuda")), None
         torch.manual_seed(seed)  # the LM's dropout masks; after deepspeed.initialize, which draws random numbers
         return optimizer, engine
 
-    def _engine(self, encoder: torch.nn.Module | None, groups: list[dict]):
+    def _engine(self, encoder: torch.nn.Module | None, groups: list[dict], train):
         """Each data-parallel group fine-tunes its own relation, so DeepSpeed's data-parallel group is this rank
         alone."""
         import deepspeed
@@ -68,9 +71,8 @@ class LMTuning:
         # optimizer never does
         config = {"train_micro_batch_size_per_gpu": self.cfg.train.batch_size, "gradient_accumulation_steps": 1,
                   "gradient_clipping": 0.0, **self.cfg.deepspeed,
-                  "optimizer": {"type": "Adam", "params": {"lr": self.cfg.train.lr, "torch_adam": True,
-                                                           "adam_w_mode": False,
-                                                           "weight_decay": self.cfg.train.weight_decay}}}
+                  "optimizer": {"type": "Adam", "params": {"lr": train.lr, "torch_adam": True, "adam_w_mode": False,
+                                                           "weight_decay": train.weight_decay}}}
         engine, optimizer, _, _ = deepspeed.initialize(model=modules, model_parameters=groups, config=config,
                                                        mpu=self.parallel.solo_mpu())
         self.progress(f"DeepSpeed engine: ZeRO stage {engine.zero_optimization_stage()}, "

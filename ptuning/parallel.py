@@ -111,17 +111,17 @@ def balance(weights: dict[str, int], n_groups: int) -> list[list[str]]:
     return groups
 
 
-def assign_packs(weights: dict[str, int], pack_relations: int | str, n_groups: int) -> list[list[list[str]]]:
+def assign_packs(weights: dict[str, int], pack_units: int | str, n_groups: int) -> list[list[list[str]]]:
     """Each data-parallel group's packs: the relations that train together in one batch (weights: training facts
     per relation, in the config's order).
 
-    pack_relations N > 0: packs of N relations in that order, a function of the config alone, so a relation trains
+    pack_units N > 0: packs of N relations in that order, a function of the config alone, so a relation trains
     with the same companions (and computes the same floats) whatever the world size; groups take whole packs,
     largest first onto the least loaded. 0 or "auto": each group's balanced share of the relations as one pack (the
     trainer splits it by memory under "auto"): the quickest use of N groups, but the packs depend on N."""
-    if isinstance(pack_relations, int) and pack_relations > 0:
+    if isinstance(pack_units, int) and pack_units > 0:
         names = list(weights)
-        packs = {names[i]: names[i:i + pack_relations] for i in range(0, len(names), pack_relations)}
+        packs = {names[i]: names[i:i + pack_units] for i in range(0, len(names), pack_units)}
         shares = balance({first: sum(weights[r] for r in pack) for first, pack in packs.items()}, n_groups)
         order = {first: k for k, first in enumerate(packs)}
         return [[packs[first] for first in sorted(share, key=order.get)] for share in shares]

@@ -1,4 +1,10 @@
-"""The results contract: <out>/results.json, <out>/results.md, <out>/relations/<P>/*.safetensors.
+"""The results contract: <out>/results.json, <out>/results.md, <out>/relations/<unit>/*.safetensors.
+
+results.json: the header (model, vocabulary, protocol, config), "relations" (each relation's record: counts, the
+manual prompt's figures and, without a sweep, its one unit's figures; in a sweep its units' records under
+"variants"), "variants" (a sweep's per-variant macro and micro averages), "macro" / "micro" (each relation's unit
+chosen on dev: without a sweep, the only one), "best_on_dev" (which variant that was), and "statistics" (per
+setting, over seeds and test facts: mean, spread, 95% bootstrap interval, gain over the manual prompt).
 
 Everything is written to a temporary file in the same folder and renamed, so a reader (or a crash) never sees
 half a file.
@@ -75,6 +81,14 @@ def _mrr(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def _ci(interval: list[float] | None) -> str:
+    return "" if not interval else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
 def render_markdown(payload: dict) -> str:
     lines = [
         f"# P-tuning on LAMA: {payload['model']} ({payload['vocab']})",
@@ -82,6 +96,10 @@ def render_markdown(payload: dict) -> str:
         f"Mode: {payload['mode']}. Protocol: {payload.get('protocol', 'paper')}. Answer vocabulary: "
         f"{payload['vocab']}, {payload['answer_vocab_size']} tokens. P@1 in percent; test at the best dev epoch.",
         "",
+    ]
+    if payload.get("variants"):
+        return "\n".join(lines + _sweep_tables(payload)) + "\n"
+    lines += [
         "| relation | label | n test | manual P@1 | dev P@1 | test P@1 | test P@10 | test MRR | best epoch | epochs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -101,7 +119,61 @@ def render_markdown(payload: dict) -> str:
             f"| **{name} average** | {count} | | {_pct(a.get('manual_p@1'))} | {_pct(a.get('dev_p@1'))} | "
             f"**{_pct(a.get('test_p@1'))}** | {_pct(a.get('test_p@10'))} | {_mrr(a.get('test_mrr'))} | | |"
         )
+    setting = (payload.get("statistics") or {}).get("settings", {}).get("")
+    if setting:
+        lines += ["", f"Macro test P@1 {_pct(setting['macro_mean'])}, 95% CI {_ci(setting['macro_ci95'])} "
+                      "(bootstrap over the test facts of each relation)"
+                  + (f"; gain over the manual prompt {_signed(setting['gain_over_manual']['mean'])}, 95% CI "
+                     f"{_ci(setting['gain_over_manual']['ci95'])} (paired on the same facts)."
+                     if setting.get("gain_over_manual") else ".")]
     return "\n".join(lines) + "\n"
+
+
+def _sweep_tables(payload: dict) -> list[str]:
+    stats = payload.get("statistics") or {}
+    settings = stats.get("settings", {})
+    lines = [f"A sweep of {len(payload['variants'])} variants: every relation trained under each (a unit each, "
+             "packed together). Settings pool their seeds: mean ± standard deviation over seeds, and a 95% bootstrap "
+             "interval resampling test facts within relations and seeds.", "",
+             "| setting | seeds | macro test P@1 | 95% CI | micro test P@1 | gain over manual | 95% CI |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    manual = stats.get("manual")
+    if manual:
+        lines.append(f"| manual prompt | | {_pct(manual['macro_mean'])} | {_ci(manual['macro_ci95'])} | "
+                     f"{_pct(manual['micro_mean'])} | | |")
+    for name, s in settings.items():
+        gain = s.get("gain_over_manual") or {}
+        seeds = ", ".join(map(str, s["seeds"]))
+        lines.append(f"| {name or '(the run settings)'} | {seeds} | {_pct(s['macro_mean'])} ± "
+                     f"{100 * s['macro_std']:.1f} | {_ci(s['macro_ci95'])} | {_pct(s['micro_mean'])} | "
+                     f"{_signed(gain['mean']) if gain else ''} | {_ci(gain.get('ci95'))} |")
+    lines.append(f"| best variant per relation, chosen on dev | | {_pct(payload['macro'].get('test_p@1'))} | | "
+                 f"{_pct(payload['micro'].get('test_p@1'))} | | |")
+    for name, diff in stats.get("against_first", {}).items():
+        lines += ["", f"{name} against {next(iter(settings))}: macro {_signed(diff['mean'])}, 95% CI "
+                      f"{_ci(diff['ci95'])} (paired on facts{' and seeds' if diff['paired_seeds'] else ''})."]
+    lines += ["", "Per relation, test P@1 (mean ± standard deviation over seeds):", "",
+              "| relation | label | n test | manual | " + " | ".join(n or "(run settings)" for n in settings)
+              + " | best on dev (variant) |",
+              "|---|---|---:|---:|" + "---:|" * len(settings) + "---|"]
+    for rid, r in payload["relations"].items():
+        if r.get("status") == "skipped":
+            lines.append(f"| {rid} | {r['label']} | skipped: {r['reason']} |" + " |" * (len(settings) + 2))
+            continue
+        cells = []
+        for s in settings.values():
+            spread = s["relations"].get(rid)
+            cells.append(f"{_pct(spread['mean'])} ± {100 * spread['std']:.1f}" if spread else "")
+        best = payload.get("best_on_dev", {}).get(rid)
+        chosen = (r.get("variants") or {}).get(best, {})
+        lines.append(f"| {rid} | {r['label']} | {r['n_test']} | {_pct(r.get('manual_p@1'))} | " + " | ".join(cells)
+                     + f" | {_pct(chosen.get('test_p@1'))} ({best or ''}) |")
+    lines += ["", "Per variant:", "", "| variant | macro test P@1 | micro test P@1 | macro dev P@1 |",
+              "|---|---:|---:|---:|"]
+    for name, v in payload["variants"].items():
+        lines.append(f"| {name} | {_pct(v['macro'].get('test_p@1'))} | {_pct(v['micro'].get('test_p@1'))} | "
+                     f"{_pct(v['macro'].get('dev_p@1'))} |")
+    return lines
 
 
 class Report:
@@ -110,37 +182,89 @@ class Report:
     def __init__(self, out_dir: str | Path, header: dict[str, Any]):
         self.out_dir = Path(out_dir)
         self.payload: dict[str, Any] = {**header, "relations": {}}
+        self.sweep = bool(header.get("variants"))
 
-    def merge(self, updates: dict[str, dict[str, Any]]) -> None:
-        """Fold in new fields of some relations, then rewrite both files once."""
-        for relation, fields in updates.items():
+    def merge(self, relations: dict[str, dict[str, Any]], units: dict[tuple[str, str], dict[str, Any]] = {}
+              ) -> None:
+        """Fold in new fields of some relations' own records and of some units' ((relation, variant) -> record;
+        without a sweep a relation's record is its unit's), then rewrite both files once."""
+        for relation, fields in relations.items():
             self.payload["relations"].setdefault(relation, {}).update(fields)
-        self.payload.update(averages(self.payload["relations"]))
+        for (relation, variant), fields in units.items():
+            self.payload["relations"].setdefault(relation, {}).setdefault("variants", {}).setdefault(
+                variant, {}).update(fields)
+        if self.sweep:
+            self._sweep_averages()
+        else:
+            self.payload.update(averages(self.payload["relations"]))
+        self.write()
+
+    def _sweep_averages(self) -> None:
+        """Per variant; and the headline: each relation's variant with the best dev P@1 (the first of equals)."""
+        relations = self.payload["relations"]
+
+        def view(variant: str) -> dict[str, dict]:
+            out = {}
+            for rid, r in relations.items():
+                base = {k: v for k, v in r.items() if k not in ("variants", "status")}
+                unit = (r.get("variants") or {}).get(variant)
+                out[rid] = {**r, "status": "skipped"} if r.get("status") == "skipped" else {**base, **(unit or {})}
+            return out
+
+        self.payload["variants"] = {name: {**spec, **averages(view(name))}
+                                    for name, spec in self.payload["variants"].items()}
+        best: dict[str, str] = {}
+        for rid, r in relations.items():
+            done = {n: u for n, u in (r.get("variants") or {}).items() if u.get("status") == "done"}
+            if done:
+                best[rid] = max(done, key=lambda n: (done[n].get("dev_p@1", -1), -list(done).index(n)))
+        self.payload["best_on_dev"] = best
+        chosen = {rid: {**{k: v for k, v in r.items() if k != "variants"}, **r["variants"][best[rid]]}
+                  if rid in best else {k: v for k, v in r.items() if k != "variants"} for rid, r in relations.items()}
+        self.payload.update(averages(chosen))
+
+    def add_statistics(self, statistics: dict[str, Any]) -> None:
+        self.payload["statistics"] = statistics
+        self.write()
+
+    def write(self) -> None:
         atomic_write_text(self.out_dir / "results.json", json.dumps(self.payload, indent=2) + "\n")
         atomic_write_text(self.out_dir / "results.md", render_markdown(self.payload))
 
 
 def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
-    """Bar chart of test P@1 per relation, manual prompt next to P-tuned; None when there is nothing to draw."""
+    """Bar chart of test P@1 per relation, manual prompt next to P-tuned (each setting of a sweep: its mean over
+    seeds, the standard deviation as an error bar); None when there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(rid, r) for rid, r in payload["relations"].items() if r.get("status") in ("done", "manual_only",
-                                                                                        "evaluated")]
+    rows = [(rid, r) for rid, r in payload["relations"].items() if r.get("status") != "skipped"
+            and (r.get("status") in ("done", "manual_only", "evaluated") or r.get("variants"))]
     if not rows:
         return None
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) + 2), 3.6))
-    manual = [100 * (r.get("manual_p@1") or 0) for _, r in rows]
-    tuned = [100 * (r.get("test_p@1") or 0) for _, r in rows]
-    ax.bar([i - 0.2 for i in x], manual, width=0.4, label=f"manual ({_pct(payload['macro'].get('manual_p@1'))})")
-    ax.bar([i + 0.2 for i in x], tuned, width=0.4, label=f"P-tuned ({_pct(payload['macro'].get('test_p@1'))})")
-    ax.set_xticks(list(x), [rid for rid, _ in rows], rotation=90, fontsize=7)
+    settings = (payload.get("statistics") or {}).get("settings", {}) if payload.get("variants") else {}
+    series = [(f"manual ({_pct(payload['macro'].get('manual_p@1'))})",
+               [100 * (r.get("manual_p@1") or 0) for _, r in rows], None)]
+    if settings:
+        for name, s in settings.items():
+            spread = [s["relations"].get(rid, {"mean": 0, "std": 0}) for rid, _ in rows]
+            series.append((f"{name or 'P-tuned'} ({_pct(s['macro_mean'])})", [100 * x["mean"] for x in spread],
+                           [100 * x["std"] for x in spread]))
+    else:
+        series.append((f"P-tuned ({_pct(payload['macro'].get('test_p@1'))})",
+                       [100 * (r.get("test_p@1") or 0) for _, r in rows], None))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) * len(series) + 2), 3.6))
+    for k, (label, values, errors) in enumerate(series):
+        ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(rows))], values, width=width, label=label,
+               yerr=errors, capsize=1.5 if errors else 0)
+    ax.set_xticks(list(range(len(rows))), [rid for rid, _ in rows], rotation=90, fontsize=7)
     ax.set_ylabel("test P@1 (%)")
-    ax.set_title(f"{payload['model']}, {payload['vocab']} (legend: macro average)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{payload['model']}, {payload['vocab']} (legend: macro average"
+                 + ("; bars: mean over seeds, whiskers: std)" if settings else ")"), fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

@@ -1,12 +1,18 @@
 """The output folder, the only channel between the ranks that train and the coordinator that reports.
 
+Each unit (ptuning/units.py) has a folder under relations/ named by its id: relations/<P>/ without a sweep,
+relations/<P>/<variant>/ in one. The relation's own record (its manual baseline) is relations/<P>/result.json,
+which without a sweep is also its one unit's.
+
     <out>/run_config.json                       the settings the folder's results were made with
-    <out>/relations/<P>/result.json             the relation's figures; status "done" marks it final
-    <out>/relations/<P>/progress.json           dev P@1 per epoch so far (for W&B while it trains)
-    <out>/relations/<P>/checkpoint.pt           encoder, optimizer, best copy, schedule, early-stopping state, RNG
+    <out>/relations/<unit>/result.json          the unit's figures; status "done" marks it final
+    <out>/relations/<unit>/progress.json        dev P@1 per epoch so far (for W&B while it trains)
+    <out>/relations/<unit>/checkpoint.pt        encoder, optimizer, best copy, schedule, early-stopping state, RNG
                                                 states: at an epoch's end every output.checkpoint_minutes, and
                                                 mid-epoch on SIGTERM/SIGUSR1 (removed once final)
-    <out>/relations/<P>/prompt_encoder.safetensors, prompt_vectors.safetensors
+    <out>/relations/<unit>/prompt_encoder.safetensors, prompt_vectors.safetensors
+    <out>/relations/<unit>/test_ranks.json      each test fact's restricted rank (the statistics resample them)
+    <out>/relations/<P>/manual_ranks.json       the manual prompt's, likewise
     <out>/results.json, results.md, p_at_1.png, wandb/   written by the coordinator
     <out>/run.lock                              held by the coordinator while a job runs: who holds it
 
@@ -35,7 +41,7 @@ FINAL = ("done", "manual_only", "evaluated")
 
 # Keys that do not change a relation's figures; a resumed folder may differ in them.
 NEUTRAL = {"model": {"device"}, "data": {"data_dir", "relations"},
-           "train": {"pack_relations", "bucket_rows", "row_tokens", "eval_batch_size", "manual_baseline"}}
+           "train": {"pack_units", "bucket_rows", "row_tokens", "eval_batch_size", "manual_baseline"}}
 IDENTITY_SECTIONS = ("model", "data", "prompt", "train", "protocol", "deepspeed")
 
 
@@ -84,8 +90,9 @@ class RunStore:
         os.pwrite(fd, (holder + "\n").encode(), 0)
         self._lock = fd
 
-    def relation_dir(self, relation: str) -> Path:
-        return self.root / "relations" / relation
+    def unit_dir(self, unit: str) -> Path:
+        """A unit's folder (unit: its id, "P36" or "P36/seed=35"; a relation id for the relation's own record)."""
+        return self.root / "relations" / unit
 
     # ---- the folder's settings --------------------------------------------------------------------------------
     def prepare(self, cfg: ExperimentConfig) -> None:
@@ -114,46 +121,62 @@ class RunStore:
 
     def check(self) -> None:
         """Every record, checkpoint and saved encoder in the folder reads back (before anything is written)."""
-        for folder in sorted(p for p in (self.root / "relations").glob("*") if p.is_dir()):
-            relation = folder.name
-            self.result(relation), self.progress(relation)
-            self.load_checkpoint(relation)
-            if self.encoder_path(relation).is_file():
+        relations = self.root / "relations"
+        for folder in sorted(p for p in list(relations.glob("*")) + list(relations.glob("*/*")) if p.is_dir()):
+            unit = str(folder.relative_to(relations))
+            self.result(unit), self.progress(unit), self.ranks(unit, "test"), self.ranks(unit, "manual")
+            self.load_checkpoint(unit)
+            if self.encoder_path(unit).is_file():
                 try:
-                    with safe_open(self.encoder_path(relation), framework="pt"):
+                    with safe_open(self.encoder_path(unit), framework="pt"):
                         pass
                 except (SafetensorError, OSError) as error:
-                    raise DataError(f"{self.encoder_path(relation)}: cannot read the saved prompt encoder ({error}); "
-                                    f"delete {folder} to train {relation} again") from None
+                    raise DataError(f"{self.encoder_path(unit)}: cannot read the saved prompt encoder ({error}); "
+                                    f"delete {folder} to train {unit} again") from None
 
-    # ---- per-relation records ---------------------------------------------------------------------------------
-    def result(self, relation: str) -> dict | None:
-        return _read_json(self.relation_dir(relation) / "result.json")
+    # ---- per-unit records -------------------------------------------------------------------------------------
+    def result(self, unit: str) -> dict | None:
+        return _read_json(self.unit_dir(unit) / "result.json")
 
-    def write_result(self, relation: str, fields: dict[str, Any]) -> None:
-        record = {**(self.result(relation) or {}), **fields}
-        atomic_write_text(self.relation_dir(relation) / "result.json", json.dumps(record, indent=2) + "\n")
+    def write_result(self, unit: str, fields: dict[str, Any]) -> None:
+        record = {**(self.result(unit) or {}), **fields}
+        atomic_write_text(self.unit_dir(unit) / "result.json", json.dumps(record, indent=2) + "\n")
 
-    def progress(self, relation: str) -> dict | None:
-        return _read_json(self.relation_dir(relation) / "progress.json")
+    def progress(self, unit: str) -> dict | None:
+        return _read_json(self.unit_dir(unit) / "progress.json")
 
-    def write_progress(self, relation: str, fields: dict[str, Any]) -> None:
-        atomic_write_text(self.relation_dir(relation) / "progress.json", json.dumps(fields) + "\n")
+    def write_progress(self, unit: str, fields: dict[str, Any]) -> None:
+        atomic_write_text(self.unit_dir(unit) / "progress.json", json.dumps(fields) + "\n")
+
+    def ranks(self, unit: str, kind: str) -> list[int] | None:
+        """The restricted rank of each test fact, in the split's order: kind "test" (a unit's) or "manual" (a
+        relation's manual prompt)."""
+        record = _read_json(self.unit_dir(unit) / f"{kind}_ranks.json")
+        if record is None:
+            return None
+        ranks = record.get("ranks")
+        if not isinstance(ranks, list) or not all(isinstance(r, int) and r >= 1 for r in ranks):
+            raise DataError(f"{self.unit_dir(unit) / f'{kind}_ranks.json'}: field 'ranks' must be a list of ranks "
+                            "(integers >= 1)")
+        return ranks
+
+    def write_ranks(self, unit: str, kind: str, ranks: list[int]) -> None:
+        atomic_write_text(self.unit_dir(unit) / f"{kind}_ranks.json", json.dumps({"ranks": ranks}) + "\n")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
-    def checkpoint_path(self, relation: str) -> Path:
-        return self.relation_dir(relation) / "checkpoint.pt"
+    def checkpoint_path(self, unit: str) -> Path:
+        return self.unit_dir(unit) / "checkpoint.pt"
 
-    def save_checkpoint(self, relation: str, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, unit: str, state: dict[str, Any]) -> None:
         """Serialised straight into a temporary file beside the checkpoint, then renamed: no copy in memory (an
         11B relation's state is ~2 GB) and never half a checkpoint."""
-        atomic_write(self.checkpoint_path(relation), lambda handle: torch.save(state, handle))
+        atomic_write(self.checkpoint_path(unit), lambda handle: torch.save(state, handle))
 
-    def load_checkpoint(self, relation: str) -> dict[str, Any] | None:
-        path = self.checkpoint_path(relation)
+    def load_checkpoint(self, unit: str) -> dict[str, Any] | None:
+        path = self.checkpoint_path(unit)
         if not path.is_file():
             return None
-        how = f"delete it to restart {relation} from scratch"
+        how = f"delete it to restart {unit} from scratch"
         try:
             # memory-mapped: every rank of a group reads each checkpoint for its schedule; only the owner
             # touches the ~2 GB of encoder and optimizer state
@@ -171,24 +194,24 @@ class RunStore:
                 raise DataError(f"{path}: field '{key}' is a {type(state[key]).__name__}; {how}")
         return state
 
-    def remove_checkpoint(self, relation: str) -> None:
-        self.checkpoint_path(relation).unlink(missing_ok=True)
+    def remove_checkpoint(self, unit: str) -> None:
+        self.checkpoint_path(unit).unlink(missing_ok=True)
 
     # ---- prompts ----------------------------------------------------------------------------------------------
-    def encoder_path(self, relation: str) -> Path:
-        return self.relation_dir(relation) / "prompt_encoder.safetensors"
+    def encoder_path(self, unit: str) -> Path:
+        return self.unit_dir(unit) / "prompt_encoder.safetensors"
 
-    def save_prompt(self, relation: str, encoder: torch.nn.Module, meta: dict[str, str]) -> None:
-        save_tensors(self.encoder_path(relation), encoder.state_dict(), meta)
+    def save_prompt(self, unit: str, encoder: torch.nn.Module, meta: dict[str, str]) -> None:
+        save_tensors(self.encoder_path(unit), encoder.state_dict(), meta)
         with torch.no_grad():
             # The final prompt vectors on their own: pseudo token i of the template, in order; no encoder needed.
-            save_tensors(self.relation_dir(relation) / "prompt_vectors.safetensors",
+            save_tensors(self.unit_dir(unit) / "prompt_vectors.safetensors",
                          {"prompt_vectors": encoder()}, meta)
 
-    def load_encoder_state(self, relation: str) -> dict[str, torch.Tensor]:
-        path = self.encoder_path(relation)
+    def load_encoder_state(self, unit: str) -> dict[str, torch.Tensor]:
+        path = self.encoder_path(unit)
         if not path.is_file():
-            raise DataError(f"{path}: no saved prompt encoder for {relation}; train first (without --only-evaluate)")
+            raise DataError(f"{path}: no saved prompt encoder for {unit}; train first (without --only-evaluate)")
         try:
             return load_tensors(path)
         except SafetensorError as error:

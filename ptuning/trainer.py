@@ -1,11 +1,11 @@
-"""One trainer for a set of relations trained together.
+"""One trainer for a set of units trained together (a unit: a relation under one sweep variant, ptuning/units.py).
 
-Each step takes one micro-batch from every active relation, runs each relation's prompt encoder ONCE, fills its
-rows' pseudo slots with its vectors, and sends one packed batch through the frozen LM. The loss is the sum of the
-per-relation means, so each encoder gets exactly the gradient it would get alone; each relation has its own
-optimizer, scheduler, epoch count, dev evaluation, best state and early stopping, and leaves the batch when it
-stops. A single relation is the special case. In the LM fine-tuning modes each relation fine-tunes its own copy
-of the LM, so relations train one at a time from the same starting weights.
+Each step takes one micro-batch from every active unit, runs each unit's prompt encoder ONCE, fills its rows'
+pseudo slots with its vectors, and sends one packed batch through the frozen LM. The loss is the sum of the
+per-unit means, so each encoder gets exactly the gradient it would get alone; each unit has its own settings (its
+variant's), optimizer, scheduler, epoch count, dev evaluation, best state and early stopping, and leaves the batch
+when it stops. A single relation is the special case. In the LM fine-tuning modes each unit fine-tunes its own
+copy of the LM, so units train one at a time from the same starting weights.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from ptuning.preemption import StopSignal
 from ptuning.prompt_bank import PromptBank
 from ptuning.tasks import RelationTask
 from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_counts
+from ptuning.units import Unit, Variant
 
 
 def relation_seed(seed: int, relation: str) -> int:
@@ -37,17 +38,19 @@ def relation_seed(seed: int, relation: str) -> int:
     return zlib.crc32(f"{seed}:{relation}".encode()) & 0x7FFFFFFF
 
 
-class RelationRun:
-    """The training state of one relation. Every rank of a tensor-parallel group keeps its schedule (order, epochs,
+class UnitRun:
+    """The training state of one unit. Every rank of a tensor-parallel group keeps its schedule (order, epochs,
     early stopping); only the rank that holds its encoder keeps the encoder, optimizer and best state."""
 
-    def __init__(self, task: RelationTask, template, encoder: PromptEncoder | None, seed: int, holds: bool = True,
+    def __init__(self, unit: Unit, template, encoder: PromptEncoder | None, seed: int, holds: bool = True,
                  writes: bool = True, drop_last: int = 0):
-        self.task, self.template, self.encoder = task, template, encoder
+        self.unit, self.task, self.cfg = unit, unit.task, unit.variant.cfg  # cfg: the unit's own settings
+        self.template, self.encoder = template, encoder
         self.drop_last = drop_last  # the batch size whose incomplete last batch each epoch drops (0: keep it)
-        self.holds = holds  # this rank keeps the relation's trainable state (False: another rank of the group does)
-        self.writes = writes  # this rank writes the relation's checkpoint, prompts and record
+        self.holds = holds  # this rank keeps the unit's trainable state (False: another rank of the group does)
+        self.writes = writes  # this rank writes the unit's checkpoint, prompts and record
         self.n_pseudo = getattr(template, "n_pseudo", 0)
+        task = unit.task
         self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]],
                                       training=s == "train") for s in SPLITS}
         self.generator = torch.Generator().manual_seed(seed)
@@ -77,12 +80,12 @@ class RelationRun:
     def epoch_over(self) -> bool:
         return self.cursor >= len(self.order)
 
-    def decay_lr(self, gamma: float) -> None:
-        """ExponentialLR, once per epoch of this relation."""
+    def decay_lr(self) -> None:
+        """ExponentialLR (the unit's train.lr_decay), once per epoch of this unit."""
         if not self.holds:
             return
         for group in self.optimizer.param_groups:
-            group["lr"] *= gamma
+            group["lr"] *= self.cfg.train.lr_decay
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -119,11 +122,13 @@ class RelationRun:
 
 
 @dataclass
-class RelationOutcome:
-    task: RelationTask
+class UnitOutcome:
+    unit: Unit
     metrics: dict  # dev_p@1, test_p@1, test_p@10, test_mrr, best_epoch, epochs_run, seconds, dev_history
     encoder: PromptEncoder | None  # the best encoder, loaded (None where another rank holds it)
-    writes: bool = True  # this rank writes the relation's files
+    test_ranks: list[int]  # each test fact's restricted rank, in the split's order (the statistics resample them)
+    counts: tuple[int, int, int]  # the unit's template
+    writes: bool = True  # this rank writes the unit's files
 
 
 class Trainer:
@@ -131,7 +136,7 @@ class Trainer:
                  progress: Callable[[str], None] = lambda line: None, parallel: ParallelContext | None = None):
         self.backbone, self.cfg, self.progress = backbone, cfg, progress
         self.parallel = parallel or ParallelContext()
-        self.active: list[str] = []  # the relations in the step under way, for error messages
+        self.active: list[str] = []  # the units in the step under way, for error messages
         self.allowed = allowed.to(backbone.device)
         self.tune_lm = cfg.train.mode != "ptuning"
         if self.tune_lm and not backbone.trainable_lm:
@@ -139,7 +144,6 @@ class Trainer:
         self.shard = backbone.vocab_shard
         self.protocol = cfg.protocol
         self.uses_prompts = cfg.train.mode != "finetune"
-        self.counts = tuple(cfg.prompt.template or default_counts(backbone.kind))
         # on every rank, once: under tensor parallelism reading the embedding's spread is a collective
         self.embedding_std = backbone.embedding_std if self.uses_prompts else 1.0
         self.bank = PromptBank(self.parallel, cfg.parallel.shard_prompts and not self.tune_lm,
@@ -168,18 +172,22 @@ class Trainer:
                               add_bos=self.cfg.model.add_bos, causal_loss_shift=self.protocol.causal_loss_shift,
                               bpe_spaces=self.protocol.bpe_spaces)
 
-    def ptuning_template(self, task: RelationTask) -> PTuningTemplate:
-        return PTuningTemplate(self.backbone.tokenizer, self.backbone.kind, self.counts, task.info.template,
-                               anchors=self.cfg.prompt.anchors, add_bos=self.cfg.model.add_bos,
-                               mask_before_subject=self.protocol.mask_before_subject,
-                               causal_loss_shift=self.protocol.causal_loss_shift,
-                               bpe_spaces=self.protocol.bpe_spaces)
+    def counts(self, cfg: ExperimentConfig) -> tuple[int, int, int]:
+        return tuple(cfg.prompt.template or default_counts(self.backbone.kind))
 
-    def new_encoder(self, template: PTuningTemplate, seed: int, hold: bool = True) -> PromptEncoder | None:
-        """The relation's encoder where this rank holds it (None elsewhere). Every rank of the group takes part:
-        the manual-word initialisation reads the (possibly tensor-parallel) embedding."""
+    def ptuning_template(self, task: RelationTask, cfg: ExperimentConfig) -> PTuningTemplate:
+        """A unit's P-tuning template, from its own settings (cfg: its variant's)."""
+        return PTuningTemplate(self.backbone.tokenizer, self.backbone.kind, self.counts(cfg), task.info.template,
+                               anchors=cfg.prompt.anchors, add_bos=cfg.model.add_bos,
+                               mask_before_subject=cfg.protocol.mask_before_subject,
+                               causal_loss_shift=cfg.protocol.causal_loss_shift, bpe_spaces=cfg.protocol.bpe_spaces)
+
+    def new_encoder(self, template: PTuningTemplate, seed: int, cfg: ExperimentConfig,
+                    hold: bool = True) -> PromptEncoder | None:
+        """A unit's encoder where this rank holds it (None elsewhere). Every rank of the group takes part: the
+        manual-word initialisation reads the (possibly tensor-parallel) embedding."""
         init = None
-        if self.cfg.prompt.init == "manual":
+        if cfg.prompt.init == "manual":
             ids = template.manual_init_ids()
             with torch.no_grad():
                 words = self.backbone.embed(torch.tensor([i or 0 for i in ids], device=self.backbone.device))
@@ -188,8 +196,8 @@ class Trainer:
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = PromptEncoder(template.n_pseudo, self.backbone.hidden_size, self.cfg.prompt.encoder,
-                                    self.cfg.prompt.lstm_dropout, self.embedding_std)
+            encoder = PromptEncoder(template.n_pseudo, self.backbone.hidden_size, cfg.prompt.encoder,
+                                    cfg.prompt.lstm_dropout, self.embedding_std)
         if init is not None:
             encoder.init_from(init)
         encoder = encoder.to(self.backbone.device)
@@ -197,7 +205,7 @@ class Trainer:
             self.parallel.sync_module(encoder)  # replicated: tensor-parallel peers start from the same prompts
         return encoder
 
-    def vectors(self, runs: list[RelationRun]) -> list[torch.Tensor | None]:
+    def vectors(self, runs: list[UnitRun]) -> list[torch.Tensor | None]:
         """The prompt vectors of each run, on every rank of the group (None for the manual template)."""
         if not self.uses_prompts:
             return [None] * len(runs)
@@ -247,46 +255,52 @@ class Trainer:
     def evaluate(self, items: list[tuple[torch.Tensor | None, list[Row]]]) -> list[dict]:
         return [summarize_ranks(r) for r in self.ranks(items)]
 
-    def evaluate_manual(self, tasks: list[RelationTask], split: str = "test") -> dict[str, dict]:
-        items = [(None, self.manual_template(t).rows([e.subject for e in t.splits[split]],
-                                                    [e.label for e in t.splits[split]])) for t in tasks]
-        return {t.id: m for t, m in zip(tasks, self.evaluate(items))}
+    def manual_items(self, tasks: list[RelationTask], split: str = "test") -> list[tuple[None, list[Row]]]:
+        """The manual prompt's rows of each relation, as items for ranks()/evaluate()."""
+        return [(None, self.manual_template(t).rows([e.subject for e in t.splits[split]],
+                                                   [e.label for e in t.splits[split]])) for t in tasks]
 
-    def _evaluate_runs(self, runs: list[RelationRun], split: str) -> list[dict]:
+    def evaluate_manual(self, tasks: list[RelationTask], split: str = "test") -> dict[str, dict]:
+        return {t.id: m for t, m in zip(tasks, self.evaluate(self.manual_items(tasks, split)))}
+
+    def _ranks_of_runs(self, runs: list[UnitRun], split: str) -> list[torch.Tensor]:
         with torch.no_grad():
             vectors = self.vectors(runs)
-        return self.evaluate([(v, r.rows[split]) for v, r in zip(vectors, runs)])
+        return self.ranks([(v, r.rows[split]) for v, r in zip(vectors, runs)])
+
+    def _evaluate_runs(self, runs: list[UnitRun], split: str) -> list[dict]:
+        return [summarize_ranks(r) for r in self._ranks_of_runs(runs, split)]
 
     # ---- training -----------------------------------------------------------------------------------------------
     def pack_size(self, n_tasks: int) -> int:
-        """How many relations train together: train.pack_relations, or with "auto" as many as the device's
-        memory holds (ptuning/capacity.py's arithmetic; all of them on a CPU)."""
+        """How many units train together: train.pack_units, or with "auto" as many as the device's memory holds
+        (ptuning/capacity.py's arithmetic; all of them on a CPU)."""
         if self.tune_lm:
             return 1
-        pack = self.cfg.train.pack_relations
+        pack = self.cfg.train.pack_units
         if pack != "auto":
             return pack or n_tasks
         plan = capacity.plan_for(self.backbone, self.cfg, self.parallel.tp_size if self.bank.sharded else 1)
-        chosen = min(n_tasks, plan.relations) if plan.relations is not None else n_tasks
+        chosen = min(n_tasks, plan.units) if plan.units is not None else n_tasks
         chosen = self.parallel.agree(chosen, "min")  # peers' free memory may differ; their packs may not
-        self.progress(f"pack_relations auto: {max(1, chosen)} of {n_tasks} relations per pack ({plan.reason})"
+        self.progress(f"pack_units auto: {max(1, chosen)} of {n_tasks} units per pack ({plan.reason})"
                       + ("; WARNING: by this estimate not even one fits, trying one" if chosen < 1 else ""))
         return max(1, chosen)
 
-    def train(self, packs: list[list[RelationTask]], on_result: Callable[[RelationOutcome], None],
-              on_epoch: Callable[[RelationRun], None] = lambda run: None,
-              restore: Callable[[RelationTask], dict | None] = lambda task: None,
-              on_stop: Callable[[list[RelationRun]], None] = lambda runs: None,
-              before: Callable[[list[RelationTask]], None] = lambda tasks: None) -> bool:
-        """Train the packs one after another, each pack's relations together (ptuning.parallel.assign_packs; under
-        pack_relations "auto" a pack is split by what the device's memory holds, and the LM fine-tuning modes train
-        one relation at a time). before(tasks) runs ahead of each pack (the manual baseline); on_epoch sees each
-        relation after every epoch that did not end it (for checkpoints); restore may return a relation's saved
-        state to continue from. On SIGTERM/SIGUSR1 the relations under way are handed to on_stop after the step in
-        flight; returns False then, True when done."""
-        size = self.pack_size(sum(len(pack) for pack in packs)) if self.tune_lm or self.cfg.train.pack_relations \
+    def train(self, packs: list[list[Unit]], on_result: Callable[[UnitOutcome], None],
+              on_epoch: Callable[[UnitRun], None] = lambda run: None,
+              restore: Callable[[Unit], dict | None] = lambda unit: None,
+              on_stop: Callable[[list[UnitRun]], None] = lambda runs: None,
+              before: Callable[[list[Unit]], None] = lambda units: None) -> bool:
+        """Train the packs one after another, each pack's units together (ptuning.parallel.assign_packs; under
+        pack_units "auto" a pack is split by what the device's memory holds, and the LM fine-tuning modes train one
+        unit at a time). before(units) runs ahead of each pack (the manual baseline); on_epoch sees each unit after
+        every epoch that did not end it (for checkpoints); restore may return a unit's saved state to continue from.
+        On SIGTERM/SIGUSR1 the units under way are handed to on_stop after the step in flight; returns False then,
+        True when done."""
+        size = self.pack_size(sum(len(pack) for pack in packs)) if self.tune_lm or self.cfg.train.pack_units \
             == "auto" else None
-        index = 0  # each relation's place in this group's list: its encoder's owner under tensor parallelism
+        index = 0  # each unit's place in this group's list: its encoder's owner under tensor parallelism
         with self.stop:
             for pack in packs:
                 for start in range(0, len(pack), size or len(pack)):
@@ -298,51 +312,54 @@ class Trainer:
                         return False
         return True
 
-    def _new_run(self, task: RelationTask, index: int = 0) -> RelationRun:
-        seed = relation_seed(self.cfg.train.seed, task.id)
-        template = self.ptuning_template(task) if self.uses_prompts else self.manual_template(task)
+    def _new_run(self, unit: Unit | RelationTask, index: int = 0) -> UnitRun:
+        """A unit's run (a bare relation: the unit of the run's own settings, as without a sweep)."""
+        if isinstance(unit, RelationTask):
+            unit = Unit(unit, Variant("", {}, self.cfg))
+        cfg = unit.variant.cfg
+        seed = relation_seed(cfg.train.seed, unit.relation)
+        template = self.ptuning_template(unit.task, cfg) if self.uses_prompts else self.manual_template(unit.task)
         hold = self.bank.holds(index)
-        encoder = self.new_encoder(template, seed, hold) if self.uses_prompts else None
-        run = RelationRun(task, template, encoder, seed, hold, self.bank.writes(index),
-                          drop_last=self.cfg.train.batch_size if self.protocol.drop_last else 0)
+        encoder = self.new_encoder(template, seed, cfg, hold) if self.uses_prompts else None
+        run = UnitRun(unit, template, encoder, seed, hold, self.bank.writes(index),
+                      drop_last=self.cfg.train.batch_size if cfg.protocol.drop_last else 0)
         if not hold:
-            return run  # another rank of the group holds this relation's encoder
+            return run  # another rank of the group holds this unit's encoder
         if self.lm is not None:
-            run.optimizer, run.engine = self.lm.begin(encoder, seed)
+            run.optimizer, run.engine = self.lm.begin(encoder, seed, cfg)
         else:
             # fused: one kernel per step instead of several ops per tensor (an LSTM encoder's step: 1.5 ms against
             # 12.6 ms on a 2-core CPU); the same updates up to rounding
-            run.optimizer = torch.optim.Adam(encoder.parameters(), lr=self.cfg.train.lr,
-                                             weight_decay=self.cfg.train.weight_decay,
+            run.optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                              fused=self.backbone.device.type in ("cpu", "cuda"))
         return run
 
-    def _train_group(self, group: list[tuple[int, RelationTask]], on_result: Callable[[RelationOutcome], None],
-                     on_epoch: Callable[[RelationRun], None], restore: Callable[[RelationTask], dict | None],
-                     on_stop: Callable[[list[RelationRun]], None]) -> bool:
+    def _train_group(self, group: list[tuple[int, Unit]], on_result: Callable[[UnitOutcome], None],
+                     on_epoch: Callable[[UnitRun], None], restore: Callable[[Unit], dict | None],
+                     on_stop: Callable[[list[UnitRun]], None]) -> bool:
         runs = []
-        for index, task in group:
-            self.active = [task.id]
-            run = self._new_run(task, index)
-            state = restore(task)
+        for index, unit in group:
+            self.active = [unit.id]
+            run = self._new_run(unit, index)
+            state = restore(unit)
             if state is not None and run.engine is not None:
-                self.progress(f"{task.id}: fine-tuned under DeepSpeed, which is not checkpointed mid-relation: "
+                self.progress(f"{unit.id}: fine-tuned under DeepSpeed, which is not checkpointed mid-training: "
                               "it starts over")
             elif state is not None:
                 self._load_run_state(run, state)
-                self.progress(f"{task.id}: resuming after epoch {run.epoch}" if run.cursor == 0 else
-                              f"{task.id}: resuming in epoch {run.epoch + 1} at fact {run.cursor} of {len(run.order)}")
+                self.progress(f"{unit.id}: resuming after epoch {run.epoch}" if run.cursor == 0 else
+                              f"{unit.id}: resuming in epoch {run.epoch + 1} at fact {run.cursor} of {len(run.order)}")
             runs.append(run)
         if self.parallel.tp_size > 1 and self.uses_prompts:
             held = [r for r in runs if r.encoder is not None]
             count = sum(p.numel() for r in held for p in r.encoder.parameters())
             self.progress(f"rank {self.parallel.rank} holds the prompt encoders of "
-                          f"{', '.join(r.task.id for r in held) or 'no relation'} ({count:,} parameters)")
+                          f"{', '.join(r.unit.id for r in held) or 'no unit'} ({count:,} parameters)")
         while True:
             active = [r for r in runs if not r.done]
             if not active:
                 break
-            self.active = [r.task.id for r in active]
+            self.active = [r.unit.id for r in active]
             self._step(active)
             ended = [r for r in active if r.epoch_over]
             if ended:
@@ -360,28 +377,28 @@ class Trainer:
         self.active = []
         return True
 
-    def run_state(self, run: RelationRun) -> dict[str, Any]:
+    def run_state(self, run: UnitRun) -> dict[str, Any]:
         state = run.state_dict()
-        if self.lm is not None:  # each relation fine-tunes its own LM copy: it is part of the relation's state
+        if self.lm is not None:  # each unit fine-tunes its own LM copy: it is part of the unit's state
             state["lm"] = self.lm.state()
         if self.scaler is not None:
             state["loss_scale"] = self.scaler.state_dict()
         return state
 
-    def checkpoints(self, run: RelationRun) -> bool:
-        """Whether a relation's state can be checkpointed mid-training: not under DeepSpeed (ptuning/finetune.py)."""
+    def checkpoints(self, run: UnitRun) -> bool:
+        """Whether a unit's state can be checkpointed mid-training: not under DeepSpeed (ptuning/finetune.py)."""
         return run.engine is None
 
-    def _load_run_state(self, run: RelationRun, state: dict[str, Any]) -> None:
+    def _load_run_state(self, run: UnitRun, state: dict[str, Any]) -> None:
         run.load_state_dict(state)
         if self.lm is not None:
             self.lm.load(state["lm"])
         if self.scaler is not None and "loss_scale" in state:  # one scale for the pack: the most cautious
             self.scaler.scale = min(self.scaler.scale, state["loss_scale"]["scale"])
 
-    def _loss(self, runs: list[RelationRun]) -> torch.Tensor:
-        """The next micro-batch of every relation, packed: the sum over relations of each one's mean row loss,
-        computed over length-sorted chunks of rows."""
+    def _loss(self, runs: list[UnitRun]) -> torch.Tensor:
+        """The next micro-batch of every unit, packed: the sum over units of each one's mean row loss, computed
+        over length-sorted chunks of rows."""
         vectors = self.vectors(runs)
         rows = [r.next_batch(self.cfg.train.batch_size) for r in runs]
         loss = torch.zeros((), device=self.backbone.device)
@@ -390,11 +407,11 @@ class Trainer:
             loss = loss + (cross_entropy(logits, batch.labels, self.shard) * batch.weights).sum()
         return loss
 
-    def _step(self, runs: list[RelationRun]) -> None:
+    def _step(self, runs: list[UnitRun]) -> None:
         if self.protocol.lm_dropout and not self.tune_lm:  # the reference's model.train(): the frozen LM's dropout
             self.backbone.dropout(True)
         loss = self._loss(runs)
-        if runs[0].engine is not None:  # DeepSpeed: one relation at a time (LM fine-tuning)
+        if runs[0].engine is not None:  # DeepSpeed: one unit at a time (LM fine-tuning)
             self.lm.step(runs[0].engine, loss)
             return
         optimizers = [r.optimizer for r in runs if r.optimizer is not None]
@@ -407,29 +424,31 @@ class Trainer:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
 
-    def _end_epochs(self, runs: list[RelationRun]) -> None:
-        """Scheduler step, dev P@1, best state and early stopping for the relations whose epoch just ended."""
+    def _end_epochs(self, runs: list[UnitRun]) -> None:
+        """Scheduler step, dev P@1, best state and early stopping for the units whose epoch just ended, each by its
+        own settings."""
         dev = self._evaluate_runs(runs, "dev")
-        # the reference trains a last epoch it never evaluates: it cannot be selected, so it is not run
-        last = self.cfg.train.max_epochs - (1 if self.protocol.last_epoch_unevaluated else 0)
         for run, metrics in zip(runs, dev):
-            run.decay_lr(self.cfg.train.lr_decay)
+            train, protocol = run.cfg.train, run.cfg.protocol
+            # the reference trains a last epoch it never evaluates: it cannot be selected, so it is not run
+            last = train.max_epochs - (1 if protocol.last_epoch_unevaluated else 0)
+            run.decay_lr()
             run.epoch += 1
             score = metrics["p@1"]
             run.dev_history.append(score)
-            better = score >= run.best_dev if self.protocol.latest_tie else score > run.best_dev
+            better = score >= run.best_dev if protocol.latest_tie else score > run.best_dev
             if better:
                 run.best_dev, run.best_epoch, run.bad_epochs = score, run.epoch, 0
                 run.best_state = self._snapshot(run)
             else:
                 run.bad_epochs += 1
-            run.done = run.bad_epochs >= self.cfg.train.patience or run.epoch >= last
-            self.progress(f"{run.task.id} epoch {run.epoch}: dev P@1 {score:.3f} "
+            run.done = run.bad_epochs >= train.patience or run.epoch >= last
+            self.progress(f"{run.unit.id} epoch {run.epoch}: dev P@1 {score:.3f} "
                           f"(best {run.best_dev:.3f} at epoch {run.best_epoch})")
             if not run.done:
                 run.start_epoch()
 
-    def _snapshot(self, run: RelationRun) -> dict | None:
+    def _snapshot(self, run: UnitRun) -> dict | None:
         """The best epoch's weights, in host memory: on a GPU the device keeps only what the steps use."""
         if not run.holds:
             return None
@@ -440,25 +459,26 @@ class Trainer:
             state["lm"] = self.lm.snapshot()
         return state
 
-    def _finish(self, runs: list[RelationRun]) -> list[RelationOutcome]:
-        """Load each relation's best state and evaluate test at the best dev epoch."""
+    def _finish(self, runs: list[UnitRun]) -> list[UnitOutcome]:
+        """Load each unit's best state and evaluate test at the best dev epoch."""
         for run in runs:
             if run.encoder is not None:
                 run.encoder.load_state_dict(run.best_state["encoder"])
             if self.lm is not None:
                 self.lm.load(run.best_state["lm"])
             run.best_state = None
-            run.optimizer = None  # its state is no longer needed: free it before the next relations start
-        test = self._evaluate_runs(runs, "test")
+            run.optimizer = None  # its state is no longer needed: free it before the next units start
+        ranks = self._ranks_of_runs(runs, "test")
         outcomes = []
-        for run, metrics in zip(runs, test):
-            outcomes.append(RelationOutcome(run.task, {
+        for run, found in zip(runs, ranks):
+            metrics = summarize_ranks(found)
+            outcomes.append(UnitOutcome(run.unit, {
                 "dev_p@1": run.best_dev,
                 "test_p@1": metrics["p@1"], "test_p@10": metrics["p@10"], "test_mrr": metrics["mrr"],
                 "best_epoch": run.best_epoch, "epochs_run": run.epoch,
                 "seconds": round(run.elapsed(), 1),
                 "dev_history": run.dev_history,
-            }, run.encoder, run.writes))
+            }, run.encoder, found.tolist(), self.counts(run.cfg), run.writes))
         if self.lm is not None:
             for run in runs:
                 self.lm.end(run.engine)

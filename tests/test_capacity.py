@@ -1,4 +1,4 @@
-"""How many relations pack: the arithmetic, and train.pack_relations "auto" on a CPU."""
+"""How many relations pack: the arithmetic, and train.pack_units "auto" on a CPU."""
 from ptuning import capacity
 from ptuning.config import load_config
 from ptuning.experiment import run_experiment
@@ -6,15 +6,15 @@ from ptuning.experiment import run_experiment
 
 def test_sharding_divides_the_encoder_state_over_the_group():
     # k relations need ceil(k / tp) encoders of 3 units and k activations of 1 unit within 10 units
-    assert capacity.relations_that_fit(10, 3, 1, tp=1) == 2  # 2 x 3 + 2 = 8; a third would need 12
-    assert capacity.relations_that_fit(10, 3, 1, tp=2) == 4  # 2 encoders here (6) + 4 = 10
-    assert capacity.relations_that_fit(2, 3, 1, tp=1) == 0
+    assert capacity.units_that_fit(10, 3, 1, tp=1) == 2  # 2 x 3 + 2 = 8; a third would need 12
+    assert capacity.units_that_fit(10, 3, 1, tp=2) == 4  # 2 encoders here (6) + 4 = 10
+    assert capacity.units_that_fit(2, 3, 1, tp=1) == 0
     assert capacity.encoder_parameters(6, 3072, "lstm") == 132_194_304  # the paper's encoder at 11B: ~132M
 
 
 def test_auto_packs_every_relation_on_a_cpu(tiny_gpt2, lama, tmp_path, capsys):
     cfg = load_config(None, [f"model.name={tiny_gpt2}", "data.relations=P1376,P36,P37", "data.max_train=8",
-                             "data.max_dev=4", "data.max_test=4", "train.max_epochs=1", "train.pack_relations=auto",
+                             "data.max_dev=4", "data.max_test=4", "train.max_epochs=1", "train.pack_units=auto",
                              "logging.wandb=false", "logging.progress=lines", f"output.dir={tmp_path}"])
     run_experiment(cfg, lama)
-    assert "pack_relations auto: 3 of 3 relations per pack (on cpu, every relation packs)" in capsys.readouterr().err
+    assert "pack_units auto: 3 of 3 units per pack (on cpu, every unit packs)" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_offline_wandb_run_holds_the_summary_and_the_table(single):
 
 
 def interrupted_args(model: Path, lama: Path, out: Path, *extra: str) -> list[str]:
-    return sweep_args(model, lama, out, "--relations", "P1376,P36", "--set", "train.pack_relations=1", "--set",
+    return sweep_args(model, lama, out, "--relations", "P1376,P36", "--set", "train.pack_units=1", "--set",
                       "data.max_train=200", "--set", "train.max_epochs=25", "--set", "train.patience=25", "--set",
                       "logging.wandb=false", *extra)
 
@@ -191,7 +191,7 @@ def test_a_broken_checkpoint_stops_the_job_before_anything_is_written(tiny_gpt2,
 def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):
     store = RunStore(tmp_path)
     store.prepare(load_config(None, ["train.lr=1e-3"]))
-    store.prepare(load_config(None, ["train.lr=1e-3", "train.pack_relations=2", "data.relations=P19"]))
+    store.prepare(load_config(None, ["train.lr=1e-3", "train.pack_units=2", "data.relations=P19"]))
     with pytest.raises(ConfigError, match=r"other settings \(train.lr\)"):
         store.prepare(load_config(None, ["train.lr=3e-3"]))
     store.prepare(load_config(None, ["train.lr=3e-3", "output.resume=false"]))  # starts the folder over
@@ -204,7 +204,7 @@ def test_one_rank_and_two_ranks_compute_the_same_floats_in_deterministic_mode(la
     args = [str(REPO / "launcher" / "run.py"), "--relations", "P36,P1376", "--data-dir", str(lama), "--set",
             "data.max_train=24", "--set", "data.max_dev=24", "--set", "data.max_test=40", "--set",
             "train.max_epochs=2", "--set", "train.lr=1e-3", "--set", "prompt.anchors=true", "--set",
-            "prompt.init=manual", "--set", "train.pack_relations=1", "--set",
+            "prompt.init=manual", "--set", "train.pack_units=1", "--set",
             "parallel.threads=1", "--set", "parallel.deterministic=true", "--set", "logging.wandb=false"]
     launch([sys.executable], args + ["--out", str(tmp_path / "one")])
     launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29615"],

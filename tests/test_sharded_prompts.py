@@ -73,7 +73,7 @@ def test_sharded_encoders_equal_replicated_ones(tp, release, merged, lama, tmp_p
         assert diffs.max() <= 1e-5, (rid, diffs.max().item(), (diffs > 1e-5).float().mean().item())
 
 
-INTERRUPTED = ("--set", "parallel.tensor_parallel=2", "--set", "train.pack_relations=1", "--set", "data.max_train=48",
+INTERRUPTED = ("--set", "parallel.tensor_parallel=2", "--set", "train.pack_units=1", "--set", "data.max_train=48",
                "--set", "train.max_epochs=12", "--set", "train.patience=12", "--set", "output.checkpoint_minutes=0")
 
 

@@ -61,7 +61,7 @@ def test_two_rank_job_writes_the_results(cluster, tiny_gpt2, lama, tmp_path):
 
 def test_usr1_before_the_time_limit_requeues_and_resumes(cluster, tiny_gpt2, lama, tmp_path):
     job = submit(cluster, tiny_gpt2, lama, tmp_path, "--relations", "P1376,P36", "--set",
-                 "train.pack_relations=1", "--set", "data.max_train=200", "--set", "train.max_epochs=25",
+                 "train.pack_units=1", "--set", "data.max_train=200", "--set", "train.max_epochs=25",
                  "--set", "train.patience=25", "--set", "logging.wandb=false")
     store = RunStore(tmp_path)
     deadline = time.time() + 300

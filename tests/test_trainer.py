@@ -23,8 +23,8 @@ def small_run(model, lama, out, *extra):
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
 def test_packed_equals_separate(fixture, request, lama, tmp_path):
     model = request.getfixturevalue(fixture)
-    packed = small_run(model, lama, tmp_path / "packed", "train.pack_relations=0")
-    separate = small_run(model, lama, tmp_path / "separate", "train.pack_relations=1")
+    packed = small_run(model, lama, tmp_path / "packed", "train.pack_units=0")
+    separate = small_run(model, lama, tmp_path / "separate", "train.pack_units=1")
     for rid in RELATIONS.split(","):
         a, b = packed["relations"][rid], separate["relations"][rid]
         assert a["status"] == b["status"] == "done"
