@@ -124,7 +124,7 @@ def answer_vocab(cfg: ExperimentConfig, backbone, layout: LamaLayout) -> tuple[A
 
 def _base_fields(task: RelationTask) -> dict[str, Any]:
     fields: dict[str, Any] = {"label": task.info.label, **task.counts(), "dropped": task.dropped,
-                              "capped": task.capped}
+                              "capped": task.capped, "test_facts": task.fingerprint("test")}
     if task.skip_reason:
         fields.update(status="skipped", reason=task.skip_reason)
     return fields

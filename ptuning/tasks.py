@@ -1,6 +1,7 @@
 """One relation's facts, filtered to the answer vocabulary, ready for a template."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from ptuning.config import DataConfig
@@ -29,6 +30,11 @@ class RelationTask:
 
     def counts(self) -> dict[str, int]:
         return {f"n_{s}": len(self.splits[s]) for s in SPLITS}
+
+    def fingerprint(self, split: str) -> str:
+        """The split's facts, in order, as a short hash: two runs can be paired on facts when theirs agree."""
+        text = "\n".join(f"{e.subject}\t{e.obj}" for e in self.splits[split])
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def read_relation(layout: LamaLayout, relation: str) -> dict[str, list[Fact]]:

@@ -37,15 +37,19 @@ def records(path: Path) -> list:
     return out
 
 
-def read_run(out_dir: Path) -> dict:
-    """The run's identity, summary, and logged history keys (with the last value of each)."""
+def read_run(out_dir: Path, file: Path | None = None) -> dict:
+    """A run's identity, config, summary, and logged history keys (with the last value of each): the given run
+    file, or the folder's latest."""
     files = sorted((out_dir / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run under {out_dir / 'wandb'}"
-    run = {"summary": {}, "history": {}, "files": files}
-    for record in records(files[-1]):
+    run = {"summary": {}, "history": {}, "config": {}, "files": files}
+    for record in records(file or files[-1]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.update(group=record.run.run_group, job_type=record.run.job_type, run_id=record.run.run_id)
+            run.update(group=record.run.run_group, job_type=record.run.job_type, run_id=record.run.run_id,
+                       name=record.run.display_name)
+            for item in record.run.config.update:
+                _put(run["config"], item)
         elif kind == "summary":
             for item in record.summary.update:
                 _put(run["summary"], item)
