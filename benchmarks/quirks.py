@@ -1,61 +1,66 @@
 """What each difference between the paper's protocol and THUDM's reference code does to P@1: SmolLM2-135M (causal,
-so quirks 1, 3, 4, 5 and 7 apply), a fixed set of 8 relations, 3 seeds per setting, one run folder per (setting,
-seed) under --out (a rerun resumes: finished folders are read back, not trained again).
+so quirks 1, 3, 4, 5 and 7 apply), a fixed set of 8 relations, 3 seeds per setting.
 
     python benchmarks/quirks.py --data-dir ../shared/lama [--out runs/quirks] [--seeds 34,35,36]
 
-Settings: the paper protocol, the reference protocol (every causal quirk; lm_fp16 off on a CPU, where float16 is
-emulated and 1.6x slower), and each quirk alone on the paper protocol. bpe_spaces changes only the manual prompt,
-so its row reuses the paper row's training and evaluates the manual prompt again; the other rows take their
-manual figure from the paper row (the reference row from bpe_spaces'). Prints one markdown table:
-macro P@1 (test, percent) mean and standard deviation over the seeds, its difference from the paper protocol
-(paired by seed), and the manual prompt's macro P@1.
+Three commands (a rerun resumes them; finished units are read back, not trained again):
+  frozen/    the LM in eval mode: a sweep of the paper protocol and each per-encoder quirk alone (1: loss at L-2;
+             4: latest tie; 5: drop_last with the last epoch unevaluated), x seeds, all units packed together
+  dropout/   protocol.lm_dropout (3) on for the whole run (it is the shared LM's mode, so it cannot be a variant):
+             a sweep of quirk 3 alone and of the reference protocol's causal quirks (1, 3, 4, 5), x seeds
+  manual/    the manual prompt under bpe_spaces (7), the one quirk that changes it (--manual-baseline)
+lm_fp16 (6) is left out on a CPU, where float16 is emulated (1.6x slower) and fp16 without loss scaling is a GPU
+matter; mask_before_subject (2) needs a masked LM (a tiny random BERT cannot measure it; tests show it runs).
+
+Prints one markdown table: macro test P@1 (percent) mean ± std over seeds, the 95% bootstrap interval, the
+difference from the paper protocol paired on test facts and seeds with its interval, and the manual prompt.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ptuning import stats  # noqa: E402
+from ptuning.compare import entries  # noqa: E402
+from ptuning.units import name_of  # noqa: E402
+
 RELATIONS = "P1001,P103,P1376,P138,P176,P36,P37,P407"
 BUDGET = ["data.max_train=96", "data.max_dev=48", "data.max_test=200", "train.max_epochs=5", "train.patience=5",
           "train.lr=1e-3", "train.batch_size=8", "logging.wandb=false", "logging.progress=lines"]
-SETTINGS = {  # name: (the quirks it sets, what it means)
-    "paper": ([], "the paper protocol (default)"),
-    "reference": (["protocol=reference", "protocol.lm_fp16=false"], "all causal quirks (1, 3, 4, 5, 7); fp16 off"),
-    "causal_loss_shift": (["protocol.causal_loss_shift=true"], "1: loss at L-2, evaluation at L-1"),
-    "lm_dropout": (["protocol.lm_dropout=true"], "3: the LM's dropout on while prompts train"),
-    "latest_tie": (["protocol.latest_tie=true"], "4: dev ties go to the latest epoch"),
-    "drop_last+last_epoch_unevaluated": (["protocol.drop_last=true", "protocol.last_epoch_unevaluated=true"],
-                                         "5: drop_last; dev after epochs 1..max-1"),
-    "bpe_spaces": (["protocol.bpe_spaces=true"], "7: manual prompt ' ' + text, scored after a lone 'Ġ'"),
+Q1 = {"protocol.causal_loss_shift": True}
+Q4 = {"protocol.latest_tie": True}
+Q5 = {"protocol.drop_last": True, "protocol.last_epoch_unevaluated": True}
+RUNS = {  # folder: (extra --set overrides, the sweep's variants as (row name, overrides, what it means))
+    "frozen": ([], [("paper", {}, "the paper protocol (default)"),
+                    ("1 causal_loss_shift", Q1, "loss at L-2, evaluation at L-1"),
+                    ("4 latest_tie", Q4, "dev ties go to the latest epoch, and reset patience"),
+                    ("5 drop_last + last_epoch_unevaluated", Q5, "incomplete batches dropped; dev after epochs "
+                                                                 "1..max-1")]),
+    "dropout": (["protocol.lm_dropout=true"], [
+        ("3 lm_dropout", {}, "the frozen LM's dropout on while prompts train"),
+        ("reference (1, 3, 4, 5, 7)", {**Q1, **Q4, **Q5}, "every causal quirk; the manual prompt under 7")]),
 }
-MANUAL_ONLY = {"bpe_spaces"}  # changes the manual prompt alone: P-tuning is the paper row's
 
 
-def run(out: Path, data_dir: str, setting: str, seed: int) -> dict:
-    folder = out / setting / f"seed{seed}"
-    quirks = SETTINGS[setting][0]
+def _variants_json(variants) -> str:
+    import json
+
+    return json.dumps([overrides for _, overrides, _ in variants])
+
+
+def run(out: Path, data_dir: str, folder: str, seeds: str) -> None:
+    extra, variants = RUNS[folder]
     args = [sys.executable, str(REPO / "launcher" / "run.py"), "--relations", RELATIONS, "--data-dir", data_dir,
-            "--out", str(folder)]
-    for override in BUDGET + [f"train.seed={seed}"] + quirks:
+            "--out", str(out / folder), "--sweep", f"train.seed={seeds}",
+            "--set", f"sweep.variants={_variants_json(variants)}"]
+    for override in BUDGET + extra + (["train.manual_baseline=false"] if folder != "frozen" else []):
         args += ["--set", override]
-    if setting in MANUAL_ONLY:
-        args.append("--manual-baseline")
-    elif setting != "paper":  # the manual prompt is the paper row's (bpe_spaces, the one quirk that changes it,
-        args += ["--set", "train.manual_baseline=false"]  # has its own row)
-    if not (folder / "results.json").is_file() or not _complete(folder):
-        subprocess.run(args, check=True, cwd=REPO)
-    return json.loads((folder / "results.json").read_text())
-
-
-def _complete(folder: Path) -> bool:
-    payload = json.loads((folder / "results.json").read_text())
-    return all(r.get("status") in ("done", "manual_only") for r in payload["relations"].values())
+    subprocess.run(args, check=True, cwd=REPO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,30 +69,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/quirks")
     parser.add_argument("--seeds", default="34,35,36")
     opts = parser.parse_args(argv)
-    seeds = [int(s) for s in opts.seeds.split(",")]
     out = Path(opts.out)
-    macro: dict[str, list[float]] = {}
-    manual: dict[str, list[float]] = {}
-    for setting in SETTINGS:
-        for seed in seeds:
-            payload = run(out, opts.data_dir, setting, seed)
-            trained = run(out, opts.data_dir, "paper", seed) if setting in MANUAL_ONLY else payload
-            prompt = payload if setting in MANUAL_ONLY | {"paper"} else run(
-                out, opts.data_dir, "bpe_spaces" if setting == "reference" else "paper", seed)
-            macro.setdefault(setting, []).append(100 * trained["macro"]["test_p@1"])
-            manual.setdefault(setting, []).append(100 * prompt["macro"]["manual_p@1"])
-    print(f"SmolLM2-135M, LAMA-29k (mapped), relations {RELATIONS}; {' '.join(BUDGET[:6])}; seeds {opts.seeds}")
+    for folder in RUNS:
+        run(out, opts.data_dir, folder, opts.seeds)
+    manual_args = [sys.executable, str(REPO / "launcher" / "run.py"), "--relations", RELATIONS, "--data-dir",
+                   opts.data_dir, "--out", str(out / "manual"), "--manual-baseline"]
+    for override in BUDGET + ["protocol.bpe_spaces=true"]:
+        manual_args += ["--set", override]
+    subprocess.run(manual_args, check=True, cwd=REPO)
+
+    rows = {name: (entries(f"{out / folder}:{name_of(overrides)}")[0].setting, meaning)
+            for folder, (_, variants) in RUNS.items() for name, overrides, meaning in variants}
+    paper = rows["paper"][0]
+    manual = {"paper": entries(f"{out / 'frozen'}:manual")[0].setting,
+              "bpe_spaces": entries(f"{out / 'manual'}:manual")[0].setting}
+    print(f"SmolLM2-135M, LAMA-29k (mapped), relations {RELATIONS}; {', '.join(BUDGET[:6])}; seeds {opts.seeds}")
     print()
-    print("| setting | what it changes | P-tuned macro P@1, mean ± std | vs paper (paired) | per seed | manual macro P@1 |")
-    print("|---|---|---:|---:|---|---:|")
-    for setting, (_, meaning) in SETTINGS.items():
-        values = macro[setting]
-        diffs = [a - b for a, b in zip(values, macro["paper"])]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        delta = "" if setting == "paper" else (f"{statistics.mean(diffs):+.1f} ± "
-                                               f"{statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.1f}")
-        print(f"| {setting} | {meaning} | {statistics.mean(values):.1f} ± {spread:.1f} | {delta} | "
-              f"{', '.join(f'{v:.1f}' for v in values)} | {statistics.mean(manual[setting]):.1f} |")
+    print("| setting | what it changes | macro test P@1, mean ± std | 95% CI | vs paper (paired) | 95% CI | "
+          "manual prompt |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, (setting, meaning) in rows.items():
+        s = stats.summary(setting)
+        d = stats.difference(setting, paper) if name != "paper" else None
+        prompt = manual["bpe_spaces" if name.startswith("reference") else "paper"]
+        print(f"| {name} | {meaning} | {100 * s['macro_mean']:.1f} ± {100 * s['macro_std']:.1f} | "
+              f"[{100 * s['macro_ci95'][0]:.1f}, {100 * s['macro_ci95'][1]:.1f}] | "
+              + (f"{100 * d['mean']:+.1f} | [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]" if d else " | ")
+              + f" | {100 * stats.summary(prompt)['macro_mean']:.1f} |")
+    s = stats.summary(manual["bpe_spaces"])
+    d = stats.difference(manual["bpe_spaces"], manual["paper"])
+    print(f"| 7 bpe_spaces | manual prompt: ' ' + text, scored after a lone 'Ġ' (P-tuning unchanged) | "
+          f"{100 * stats.summary(paper)['macro_mean']:.1f} (the paper row's) | | | | {100 * s['macro_mean']:.1f} "
+          f"({100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] vs the paper's manual) |")
     return 0
 
 

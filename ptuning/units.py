@@ -39,7 +39,7 @@ class Variant:
     @property
     def setting(self) -> str:
         """The variant without its seed: the seeds of one setting are pooled in the statistics."""
-        return _name({k: v for k, v in self.overrides.items() if k != SEED})
+        return name_of({k: v for k, v in self.overrides.items() if k != SEED})
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +66,8 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def _name(overrides: dict[str, Any]) -> str:
+def name_of(overrides: dict[str, Any]) -> str:
+    """A variant's name from its overrides: 'lr=0.003,seed=35' (keys without their section, in key order)."""
     return ",".join(f"{key.split('.', 1)[1]}={_value(value)}" for key, value in sorted(overrides.items()))
 
 
@@ -107,7 +108,7 @@ def variants(cfg: ExperimentConfig, source: str = "config") -> list[Variant]:
     base = {k: v for k, v in cfg.to_dict().items() if k != "sweep"}
     for listed_overrides, combination in itertools.product(listed, itertools.product(*grid.values())):
         overrides = {**listed_overrides, **dict(zip(grid, combination))}
-        name = _name(overrides)
+        name = name_of(overrides)
         if "/" in name:
             raise ConfigError(f"{where}: variant {name!r}: a value may not contain '/' (it names a folder)")
         if name in names:

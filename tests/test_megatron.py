@@ -272,7 +272,7 @@ def test_ptuning_is_the_same_at_tp_1_2_and_4(release, merged, lama, tmp_path):
             assert (a["test_p@1"], a["dev_p@1"], a["best_epoch"]) == (b["test_p@1"], b["dev_p@1"], b["best_epoch"])
             assert a["test_mrr"] == pytest.approx(b["test_mrr"], abs=1e-6)
             store_a, store_b = RunStore(tmp_path / "tp1"), RunStore(tmp_path / f"tp{tp}")
-            vectors = [load_tensors(s.relation_dir(rid) / "prompt_vectors.safetensors")["prompt_vectors"]
+            vectors = [load_tensors(s.unit_dir(rid) / "prompt_vectors.safetensors")["prompt_vectors"]
                        for s in (store_a, store_b)]
             assert torch.allclose(*vectors, atol=1e-5), (tp, rid)  # the prompts the model sees
             wa, wb = load_tensors(store_a.encoder_path(rid)), load_tensors(store_b.encoder_path(rid))

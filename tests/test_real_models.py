@@ -66,5 +66,5 @@ def test_ptuning_beats_the_manual_prompt_on_dev(smollm2, lama):
     manual = trainer.evaluate_manual(tasks, split="dev")
     outcomes = []
     trainer.train([tasks], outcomes.append)
-    gains = {o.task.id: o.metrics["dev_p@1"] - manual[o.task.id]["p@1"] for o in outcomes}
+    gains = {o.unit.relation: o.metrics["dev_p@1"] - manual[o.unit.relation]["p@1"] for o in outcomes}
     assert max(gains.values()) > 0.05, (gains, manual)

@@ -35,7 +35,7 @@ def held(log_dir) -> dict[int, tuple[list[str], int]]:
     for path in log_dir.glob("**/stderr.log"):
         for rank, names, count in re.findall(r"rank (\d+) holds the prompt encoders of (.*) \(([\d,]+) "
                                              r"parameters\)", path.read_text()):
-            out[int(rank)] = ([] if names == "no relation" else names.split(", "), int(count.replace(",", "")))
+            out[int(rank)] = ([] if names == "no unit" else names.split(", "), int(count.replace(",", "")))
     return out
 
 
@@ -66,7 +66,7 @@ def test_sharded_encoders_equal_replicated_ones(tp, release, merged, lama, tmp_p
         for key in ("dev_p@1", "test_p@1", "test_p@10", "best_epoch", "dev_history"):
             assert a[rid][key] == b[rid][key], (rid, key)
         sa, sb = RunStore(runs[True][0]), RunStore(runs[False][0])
-        va, vb = (load_tensors(s.relation_dir(rid) / "prompt_vectors.safetensors")["prompt_vectors"] for s in (sa, sb))
+        va, vb = (load_tensors(s.unit_dir(rid) / "prompt_vectors.safetensors")["prompt_vectors"] for s in (sa, sb))
         assert torch.allclose(va, vb, atol=1e-5), rid
         wa, wb = load_tensors(sa.encoder_path(rid)), load_tensors(sb.encoder_path(rid))
         diffs = torch.cat([(wa[n] - wb[n]).abs().flatten() for n in wa])
@@ -141,7 +141,7 @@ def test_sigterm_to_one_rank_stops_the_group_after_the_same_step(whole, release,
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0  # each rank ended with status 143 (stopped), which torchrun reports as a failure
     assert "stop requested (SIGTERM): checkpointed P37" in stderr  # said by rank 1, which got no signal
-    assert stderr.count("stopped by SIGTERM after checkpointing its relations under way; run the same command") == 2
+    assert stderr.count("stopped by SIGTERM after checkpointing its units under way; run the same command") == 2
     assert (store.result("P37") or {}).get("status") != "done" and store.checkpoint_path("P37").is_file()
 
     log = torchrun(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
