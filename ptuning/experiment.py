@@ -17,7 +17,7 @@ import torch
 
 from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.coordinator import Coordinator
-from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, select_relations
+from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, read_vocab_words, select_relations
 from ptuning.files import one_line
 from ptuning.models import ModelError, load_backbone
 from ptuning.parallel import ParallelContext, assign_packs, set_compute
@@ -56,7 +56,13 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     if missing:
         raise DataError(f"{layout.root}: relations.jsonl has no template for {', '.join(missing)}")
     facts = {r: read_relation(layout, r) for r in relation_ids}  # every data error surfaces before the model loads
+    if cfg.data.vocab != "original":
+        read_vocab_words(layout, cfg.data.vocab, vocab_key_of(cfg))  # the vocabulary file too
     sweep = variants(cfg)
+    if ctx.coordinator:  # before the model loads: a busy or broken folder stops the run at once
+        store.lock(ctx.job or f"pid {os.getpid()}")
+        store.prepare(cfg)
+    ctx.barrier()  # the folder is checked (or cleared) before any rank reads or writes it
 
     if ctx.device is not None:
         cfg.model.device = str(ctx.device)
@@ -86,12 +92,9 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
                         epochs=sum(u.variant.cfg.train.max_epochs for u in by_id.values()))
     coordinator = None
     if ctx.coordinator:
-        store.lock(ctx.job or f"pid {os.getpid()}")
-        store.prepare(cfg)
         coordinator = Coordinator(store, header, {t.id: _base_fields(t) for t in tasks}, sweep,
                                   _wandb(cfg, store, header, sweep) if cfg.logging.wandb else None, progress)
         coordinator.start()
-    ctx.barrier()  # the folder is checked (or cleared) before any rank reads or writes it
 
     worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header)
     try:
@@ -116,10 +119,15 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
 def answer_vocab(cfg: ExperimentConfig, backbone, layout: LamaLayout) -> tuple[AnswerVocab, str]:
     """The configured answer vocabulary in the backbone's tokenizer, and the vocab file's word list it came from
     (data.vocab_key, or the one that fits the model family)."""
-    vocab_key = cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
+    vocab_key = vocab_key_of(cfg)
     vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,
                                layout if cfg.data.vocab != "original" else None, vocab_key)
     return vocab, vocab_key
+
+
+def vocab_key_of(cfg: ExperimentConfig) -> str:
+    """The vocab file's word list to read: data.vocab_key, or the one that fits the model family."""
+    return cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
 
 
 def _base_fields(task: RelationTask) -> dict[str, Any]:
