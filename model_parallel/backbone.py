@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from model_parallel.merge import INDEX, read_merged_json, read_merged_spec
 from model_parallel.model import MegatronLM, empty_megatron, load_weights
 from model_parallel.release import N_PARTS, PART, ReleaseError, load_part, read_spec, split_dim
-from ptuning.backbone import Layout
+from ptuning.backbone import Layout, attention_kernels
 
 DEFAULT_TOKENIZER = "FacebookAI/roberta-large"  # GPT-2 BPE in fairseq dict.txt order: RoBERTa's ids
 
@@ -111,7 +111,7 @@ class MegatronBackbone:
         return self.model.embed_tokens(token_ids)
 
     def scores(self, inputs_embeds: torch.Tensor, layout: Layout) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), attention_kernels(self):
             hidden = self.model(inputs_embeds, layout.position, layout.allowed(causal=True))
             logits = self.model.logits(hidden[layout.target_row, layout.target_col])
         return logits.float()

@@ -149,7 +149,7 @@ class HFBackbone:
         return 0 if padding_idx is None else padding_idx + 1
 
     def scores(self, inputs_embeds: torch.Tensor, layout: Layout) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), attention_kernels(self):
             kwargs = self._forward_kwargs(layout)
             if self.head_splits:
                 hidden = self.base(inputs_embeds=inputs_embeds, **kwargs)[0]
@@ -208,6 +208,18 @@ class HFBackbone:
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
         layout = Layout.padded(torch.ones_like(ids), torch.tensor([1], device=self.device))
         return self.scores(self.embed(ids), layout).shape[-1]
+
+
+def attention_kernels(backbone):
+    """The SDPA kernels to use: in bf16 on a CPU the math kernel, which for facts this short (rows of <= 64 tokens)
+    runs a training step's attention 2-4x faster than the CPU flash kernel (which in float32 is the faster one)."""
+    from contextlib import nullcontext
+
+    if backbone.device.type == "cpu" and backbone_dtype(backbone) == torch.bfloat16:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 def backbone_dtype(backbone) -> torch.dtype:

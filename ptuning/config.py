@@ -32,7 +32,9 @@ class ModelConfig:
     gguf_file: str | None = None  # a GGUF file inside `name` (a folder) to load with transformers' gguf_file=
     tokenizer: str | None = None  # for checkpoints without one (Megatron-11B: default roberta-large)
     device: str = "auto"  # auto picks cuda when available, else cpu
-    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))  # LM weights
+    # The frozen LM's weights (and so its compute). auto: bfloat16 where the device has bf16 matrix units (a GPU that
+    # supports it, a CPU with AMX tiles), else float32; resolved when the run starts and recorded so.
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16", "auto"))
     bf16: bool = False  # bf16 autocast around the language model
     add_bos: bool = False  # causal LMs: start every prompt with the BOS token (GPT-2 style LAMA runs use none)
 

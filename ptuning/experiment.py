@@ -19,7 +19,7 @@ from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.coordinator import Coordinator
 from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, read_vocab_words, select_relations
 from ptuning.files import one_line
-from ptuning.models import ModelError, load_backbone
+from ptuning.models import ModelError, load_backbone, resolve_device, resolve_dtype
 from ptuning.parallel import ParallelContext, assign_packs, set_compute
 from ptuning.progress import Progress
 from ptuning.store import RunStore
@@ -59,15 +59,16 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     if cfg.data.vocab != "original":
         read_vocab_words(layout, cfg.data.vocab, vocab_key_of(cfg))  # the vocabulary file too
     sweep = variants(cfg)
+    if ctx.device is not None:
+        cfg.model.device = str(ctx.device)
+    cfg.model.dtype, why = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
+    for variant in sweep:  # a variant shares the model
+        variant.cfg.model.device, variant.cfg.model.dtype = cfg.model.device, cfg.model.dtype
     if ctx.coordinator:  # before the model loads: a busy or broken folder stops the run at once
         store.lock(ctx.job or f"pid {os.getpid()}")
         store.prepare(cfg)
     ctx.barrier()  # the folder is checked (or cleared) before any rank reads or writes it
 
-    if ctx.device is not None:
-        cfg.model.device = str(ctx.device)
-        for variant in sweep:
-            variant.cfg.model.device = cfg.model.device
     backbone = load_backbone(cfg.model, ctx)
     vocab, vocab_key = answer_vocab(cfg, backbone, layout)
     mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
@@ -96,6 +97,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
                                   _wandb(cfg, store, header, sweep) if cfg.logging.wandb else None, progress)
         coordinator.start()
 
+    progress.line(f"model: {cfg.model.name}, {backbone.kind} LM, weights in {cfg.model.dtype} ({why})")
     worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header)
     try:
         finished = worker.run(packs, mode)
