@@ -6,6 +6,11 @@ forward+backward to its input embeddings, and our evaluation against a plain for
 The raw baselines are what any P-tuning implementation must at least do: `model(inputs_embeds=...)` with all
 logits (as Hugging Face PEFT runs it), then a loss at the object position and backward to the embeddings.
 Timings are medians over --reps after warm-up, interleaved so drift hits all variants alike.
+
+Efficiency against the limit: the step's model FLOP/s (forward over every token, the head at the targets only,
+backward to the inputs only, as the frozen LM needs: about twice the forward's matrix products) as a fraction of
+this machine's matrix-multiply rate measured in the same run, at a large square product and at the model's own
+shapes, for float32 weights and, where the CPU has bf16 matrix units (AMX), for bf16 weights.
 """
 from __future__ import annotations
 
@@ -108,10 +113,65 @@ def main() -> None:
           f"{median['ptuning_step_padded'] / median['raw_fwd_bwd']:.3f}); targets: core <= 1.15, performance <= 1.10")
     print(f"evaluation / raw forward          = {evaluation:.3f} (one padded fact per row: "
           f"{median['our_eval_padded'] / median['raw_forward']:.3f}); targets: core <= 1.10, performance <= 1.05")
+    efficiency(args, trainer, run, rows, median["ptuning_step"])
     print(f"bf16 autocast lever: train step {median['ptuning_step_bf16'] / median['ptuning_step']:.2f}x the fp32 "
           f"time, evaluation {median['our_eval_bf16'] / median['our_eval']:.2f}x; on one padded fact per row "
           f"{median['ptuning_step_bf16_padded'] / median['ptuning_step_padded']:.2f}x and "
           f"{median['our_eval_bf16_padded'] / median['our_eval_padded']:.2f}x")
+
+
+def step_flops(backbone, rows) -> float:
+    """Matrix-product FLOPs of one step: 2 x parameters x tokens forward (the body), the LM head at the targets,
+    and the same again backward to the inputs (no weight gradients: the LM is frozen)."""
+    model = backbone.model
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    if head.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        body -= head.numel()
+    tokens = sum(len(r.ids) for r in rows)
+    forward = 2 * body * tokens + 2 * head.numel() * len(rows)
+    return 2 * forward
+
+
+def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, reps: int = 10) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - start)
+
+
+def efficiency(args, trainer, run, rows, step_seconds: float) -> None:
+    """The step's FLOP/s against matrix-multiply rates, float32 and (with AMX) bf16 weights."""
+    config = trainer.backbone.model.config
+    hidden, ffn = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    tokens = sum(len(r.ids) for r in rows)
+    flops = step_flops(trainer.backbone, rows)
+    dtypes = [torch.float32] + ([torch.bfloat16] if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+                                else [])
+    print(f"efficiency: {flops / 1e9:.1f} GFLOP a step ({len(rows)} facts, {tokens} tokens)")
+    for dtype in dtypes:
+        seconds = step_seconds
+        if dtype is torch.bfloat16:  # the same step with bf16 weights (model.dtype bfloat16)
+            cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}",
+                                     "prompt.template=[3,3,0]", "model.dtype=bfloat16"])
+            other, (task,) = trainer_and_tasks(cfg, resolve_data_dir(args.data_dir, None), [args.relation])
+            bf16_run = other._new_run(task)
+
+            def step() -> None:
+                other._step([bf16_run])
+                bf16_run.cursor = 0
+            for _ in range(3):
+                step()
+            seconds = statistics.median([timed(step) for _ in range(args.reps)])
+        square = matmul_rate(dtype, 2048, 2048, 2048)
+        shaped = matmul_rate(dtype, tokens, hidden, ffn)
+        rate = flops / seconds
+        print(f"  {str(dtype).split('.')[-1]:8s} step {1000 * seconds:7.1f} ms = {rate / 1e9:6.1f} GFLOP/s; matmul "
+              f"2048^3 {square / 1e9:6.1f} GFLOP/s ({rate / square:.0%} of it), at the model's shape "
+              f"{tokens}x{hidden}x{ffn} {shaped / 1e9:6.1f} GFLOP/s ({rate / shaped:.0%})")
 
 
 if __name__ == "__main__":

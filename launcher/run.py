@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from launcher.distributed import init_parallel, shutdown
 from ptuning.config import ExperimentConfig, load_config
@@ -79,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from ptuning.results import render_markdown
 
         print(render_markdown(payload))
-        print(f"results: {cfg.output.dir}/results.json")
+        print(f"results: {cfg.output.dir}/results.json, {cfg.output.dir}/results.md")
+        plot = Path(cfg.output.dir) / "p_at_1.png"
+        if plot.is_file():
+            print(f"plot: {plot}")
     return 0
 
 

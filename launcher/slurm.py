@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -33,7 +34,11 @@ from launcher.run import parse_args as parse_run_args
 from ptuning.config import ConfigError
 from ptuning.data import find_layout, read_facts, resolve_data_dir, select_relations
 from ptuning.parallel import balance
-from ptuning.results import atomic_write_text, averages, render_markdown
+from ptuning.config import config_from_dict
+from ptuning.coordinator import Coordinator
+from ptuning.results import atomic_write_text, header_of, render_markdown
+from ptuning.store import RunStore
+from ptuning.units import variants
 
 REPO = Path(__file__).resolve().parents[1]
 # Per rank: a GPU rank needs a few cores (its main thread, NCCL and gloo threads, tokenizing) and host memory to
@@ -180,18 +185,29 @@ def render_script(opts: argparse.Namespace, run_argv: list[str], out_dir: Path,
 
 
 def collect(out_dir: Path) -> dict:
-    """Merge <out>/group-*/results.json of an array sweep into <out>/results.json and results.md."""
+    """Gather <out>/group-*/ of an array sweep into <out> as one output folder: every unit's files are linked
+    under <out>/relations/, then results.json / results.md and the statistics are made from them as a single run
+    would (a sweep's settings pooled over every group's relations)."""
     parts = sorted(out_dir.glob("group-*/results.json"))
     if not parts:
         raise SystemExit(f"error: {out_dir}: no group-*/results.json to collect")
     payloads = [json.loads(p.read_text()) for p in parts]
-    merged = {**payloads[0], "relations": {}}
-    for payload in payloads:
-        merged["relations"].update(payload["relations"])
-    merged.update(averages(merged["relations"]))
-    atomic_write_text(out_dir / "results.json", json.dumps(merged, indent=2) + "\n")
-    atomic_write_text(out_dir / "results.md", render_markdown(merged))
-    return merged
+    for part in parts:
+        for source in sorted((part.parent / "relations").rglob("*")):
+            if source.is_file():
+                target = out_dir / "relations" / source.relative_to(part.parent / "relations")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(source, target)  # the same bytes, no copy of the prompt files
+                except OSError:
+                    shutil.copy2(source, target)
+    header = header_of(payloads[0])
+    relations = {rid: {k: v for k, v in r.items() if k != "variants"} for p in payloads
+                 for rid, r in p["relations"].items()}
+    cfg = config_from_dict(header["config"], "collected config")
+    coordinator = Coordinator(RunStore(out_dir), header, relations, variants(cfg))
+    return coordinator.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,18 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_safetensors(Path(path).read_bytes())
 
 
+RESULT_KEYS = ("relations", "macro", "micro", "best_on_dev", "statistics")  # what a run adds to its header
+
+
+def header_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """A results.json's header: what the run was (model, vocabulary, protocol, config, a sweep's variants)."""
+    header = {k: v for k, v in payload.items() if k not in RESULT_KEYS}
+    if "variants" in header:
+        header["variants"] = {n: {"overrides": v["overrides"], "setting": v["setting"]}
+                              for n, v in header["variants"].items()}
+    return header
+
+
 def averages(relations: dict[str, dict]) -> dict[str, dict[str, Any]]:
     """Macro (mean over relations, the paper's number) and micro (over facts) averages of every P@1 column."""
     done = [r for r in relations.values() if r.get("status") in ("done", "manual_only", "evaluated")]

@@ -157,3 +157,20 @@ def test_compare_two_folders(seeds, tiny_gpt2, lama, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ptuning.compare", str(other), str(capped)], capture_output=True,
                           text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "tested on different facts" in proc.stderr
+
+
+def test_collect_pools_a_sweep_over_array_groups(tiny_gpt2, lama, tmp_path):
+    """What launcher/slurm.py --array writes (a group folder per share of the relations), collected into one."""
+    from launcher.slurm import collect
+
+    for index, relations in enumerate(("P1376,P36", "P37")):
+        assert main(["--set", f"model.name={tiny_gpt2}", "--data-dir", str(lama), "--out",
+                     str(tmp_path / f"group-{index}"), *SMALL, "--relations", relations, "--sweep",
+                     "train.seed=34,35", "--set", "logging.wandb=false"]) == 0
+    merged = collect(tmp_path)
+    assert sorted(merged["relations"]) == sorted(RELATIONS.split(","))
+    setting = merged["statistics"]["settings"][""]
+    assert setting["seeds"] == [34, 35] and sorted(setting["relations"]) == sorted(RELATIONS.split(","))
+    assert RunStore(tmp_path).ranks("P37/seed=35", "test") == RunStore(tmp_path / "group-1").ranks("P37/seed=35",
+                                                                                                   "test")
+    assert "| (the run settings) | 34, 35 |" in (tmp_path / "results.md").read_text()
