@@ -9,6 +9,7 @@ Three commands (a rerun resumes them; finished units are read back, not trained 
   dropout/   protocol.lm_dropout (3) on for the whole run (it is the shared LM's mode, so it cannot be a variant):
              a sweep of quirk 3 alone and of the reference protocol's causal quirks (1, 3, 4, 5), x seeds
   manual/    the manual prompt under bpe_spaces (7), the one quirk that changes it (--manual-baseline)
+The LM runs in bf16 where the CPU has bf16 matrix units (model.dtype auto; every setting alike), packs of 24 units.
 lm_fp16 (6) is left out on a CPU, where float16 is emulated (1.6x slower) and fp16 without loss scaling is a GPU
 matter; mask_before_subject (2) needs a masked LM (a tiny random BERT cannot measure it; tests show it runs).
 
@@ -31,7 +32,8 @@ from ptuning.units import name_of  # noqa: E402
 
 RELATIONS = "P1001,P103,P1376,P138,P176,P36,P37,P407"
 BUDGET = ["data.max_train=96", "data.max_dev=48", "data.max_test=200", "train.max_epochs=5", "train.patience=5",
-          "train.lr=1e-3", "train.batch_size=8", "logging.wandb=false", "logging.progress=lines"]
+          "train.lr=1e-3", "train.batch_size=8", "model.dtype=auto", "train.pack_units=24", "logging.wandb=false",
+          "logging.progress=lines"]
 Q1 = {"protocol.causal_loss_shift": True}
 Q4 = {"protocol.latest_tie": True}
 Q5 = {"protocol.drop_last": True, "protocol.last_epoch_unevaluated": True}
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     paper = rows["paper"][0]
     manual = {"paper": entries(f"{out / 'frozen'}:manual")[0].setting,
               "bpe_spaces": entries(f"{out / 'manual'}:manual")[0].setting}
-    print(f"SmolLM2-135M, LAMA-29k (mapped), relations {RELATIONS}; {', '.join(BUDGET[:6])}; seeds {opts.seeds}")
+    print(f"SmolLM2-135M, LAMA-29k (mapped), relations {RELATIONS}; {', '.join(BUDGET[:8])}; seeds {opts.seeds}")
     print()
     print("| setting | what it changes | macro test P@1, mean ± std | 95% CI | vs paper (paired) | 95% CI | "
           "manual prompt |")
