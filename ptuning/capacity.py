@@ -42,13 +42,17 @@ def shape_of(backbone) -> Shape:
     spec = getattr(backbone.model, "spec", None)
     if spec is not None:  # Megatron-11B
         return Shape(spec.layers, spec.hidden, spec.ffn, spec.heads, spec.vocab_size)
-    config = backbone.model.config
+    return shape_of_config(backbone.model.config, backbone.vocab_size)
+
+
+def shape_of_config(config, vocab: int) -> Shape:
+    """A Hugging Face config's transformer shape (the names differ between families)."""
     get = lambda *names, default=None: next((getattr(config, n) for n in names if getattr(config, n, None)),  # noqa
                                             default)
     hidden = get("hidden_size", "n_embd", "d_model", "dim")
     return Shape(layers=get("num_hidden_layers", "n_layer", "num_layers", "n_layers"), hidden=hidden,
                  ffn=get("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", default=4 * hidden),
-                 heads=get("num_attention_heads", "n_head", "num_heads", "n_heads"), vocab=backbone.vocab_size)
+                 heads=get("num_attention_heads", "n_head", "num_heads", "n_heads"), vocab=vocab)
 
 
 def encoder_parameters(n_pseudo: int, hidden: int, kind: str) -> int:
