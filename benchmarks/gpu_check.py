@@ -10,7 +10,9 @@ Measured side by side in one run, on one device:
   time, peak memory (beside capacity.py's estimate), facts/s and model FLOP/s as a fraction of the measured rate;
   evaluation facts/s;
 - GPT2-xl and BERT-base shapes: our step against the raw frozen forward+backward on the same facts; 8 relations
-  packed against the same 8 one after another; ours against PEFT's P-tuning (if peft is installed), facts/s.
+  packed against the same 8 one after another; ours against PEFT's P-tuning (if peft is installed), facts/s;
+- Llama-3.1-8B shapes (TP 1, bf16, random weights): packed step time, facts/s and peak memory for 1, 8 and the
+  auto-packed number of relations.
 Prints one markdown table and writes the figures as JSON (--out).
 """
 from __future__ import annotations
@@ -181,6 +183,40 @@ def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str
     check.reset_peak()
 
 
+def check_llama(check: Check, config, layout, relations: list[str], tokenizer) -> None:
+    """An 8B-class Llama (random bf16 weights made on the device) at TP 1: packed step time, facts/s and peak
+    memory for 1, 8 and the auto-packed number of relations (issue: Hugging Face models bigger than one GPU)."""
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.bfloat16 if check.device.type == "cuda" else torch.float32
+    check.reset_peak()
+    start = time.perf_counter()
+    with torch.device(check.device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    check.sync()
+    count = sum(p.numel() for p in model.parameters())
+    check.add("llama_build_s", f"Llama {config.num_hidden_layers} layers, hidden {config.hidden_size}: random "
+              "weights on the device", time.perf_counter() - start, ".1f", f"s; {count / 1e9:.2f}B parameters")
+    backbone = HFBackbone(model, tokenizer, "causal")
+    cfg = load_config(None, ["prompt.template=[3,3,0]", f"train.batch_size={BATCH}"])
+    tasks, vocab = tasks_for(tokenizer, backbone.vocab_size, relations, layout, "gpt2-xl", cfg)
+    trainer = Trainer(backbone, cfg, vocab.allowed)
+    plan = capacity.plan_for(backbone, cfg, 1)
+    auto = min(plan.units if plan.units is not None else len(tasks), len(tasks))
+    for n in dict.fromkeys([1, min(8, len(tasks)), auto]):
+        check.reset_peak()
+        runs = fresh_runs(trainer, tasks[:n])
+        seconds = check.time(step_fn(trainer, runs))
+        check.add(f"llama_step_s_{n}", f"Llama: packed step, {n} relation(s), {BATCH * n} facts", seconds, ".3f",
+                  f"s; {BATCH * n / seconds:.0f} facts/s")
+        peak = check.peak()
+        if peak is not None:
+            check.add(f"llama_peak_gib_{n}", f"Llama: peak memory, {n} relation(s)", peak, ".1f", "GiB")
+        del runs
+    del trainer, backbone, model
+    check.reset_peak()
+
+
 def _vectors(trainer: Trainer, runs: list) -> list:
     with torch.no_grad():
         return trainer.vectors(runs)
@@ -292,7 +328,7 @@ def main() -> None:
     check.add("matmul_tflops", f"matrix product rate ({str(rate_dtype).split('.')[-1]})",
               check.figures["matmul_flops"] / 1e12, ".1f", "TFLOP/s, measured here")
 
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     some = relations[:8]
@@ -300,10 +336,14 @@ def main() -> None:
         spec = MegatronSpec(layers=2, hidden=64, ffn=256, heads=8, vocab_size=40064, max_positions=128)
         gpt2 = GPT2Config(n_embd=32, n_layer=2, n_head=2)
         bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        llama = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2)
     else:
         spec = MegatronSpec(layers=args.megatron_layers or 72)
         gpt2 = GPT2Config(n_embd=1600, n_layer=48, n_head=25)  # GPT2-xl
         bert = BertConfig(vocab_size=28996)  # BERT-base, cased
+        llama = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, tie_word_embeddings=False)  # Llama-3.1-8B's shapes
     megatron_tok = roberta_tokenizer(layout.root, relations)
     guarded(check, "Megatron", lambda: check_megatron(check, spec, layout, relations, megatron_tok,
                                                       8 if args.tiny else args.auto_cap))
@@ -320,6 +360,10 @@ def main() -> None:
             check_hf(check, name.split()[0].lower().replace("-", ""), model, tokenizer, kind, layout, some)
 
         guarded(check, name, run_one)
+    llama_tok = gpt2_tokenizer(layout.root, some)
+    llama.vocab_size = len(llama_tok)
+    llama.bos_token_id, llama.eos_token_id = llama_tok.bos_token_id, llama_tok.eos_token_id
+    guarded(check, "Llama", lambda: check_llama(check, llama, layout, some, llama_tok))
     check.figures["seconds"] = time.perf_counter() - started
     check.rows.append(("whole check", f"{check.figures['seconds']:.0f}", "s"))
     print(check.table())

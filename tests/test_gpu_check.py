@@ -15,7 +15,7 @@ def test_gpu_check_runs_at_tiny_shapes(lama, tmp_path):
     assert "errors" not in figures
     for key in ("matmul_flops", "megatron_build_s", "megatron_auto", "megatron_step_s_1", "megatron_step_s_8",
                 "megatron_eval_facts_per_s", "gpt2_step_over_raw", "gpt2_packing_speedup", "bert_step_over_raw",
-                "bert_packing_speedup"):
+                "bert_packing_speedup", "llama_build_s", "llama_step_s_1", "llama_step_s_8"):
         assert figures[key] > 0, key
     assert figures["megatron_auto"] == 8  # on a CPU every relation packs (the tiny run caps it at 8)
     assert proc.stdout.count("\n| ") >= 10 and "| whole check |" in proc.stdout
