@@ -64,11 +64,13 @@ def test_usr1_before_the_time_limit_requeues_and_resumes(cluster, tiny_gpt2, lam
                  "train.pack_units=1", "--set", "data.max_train=200", "--set", "train.max_epochs=25",
                  "--set", "train.patience=25", "--set", "logging.wandb=false")
     store = RunStore(tmp_path)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:  # P1376 finished, P36 under way
         if (store.result("P1376") or {}).get("status") == "done" and store.progress("P36"):
             break
         time.sleep(0.2)
+    else:
+        pytest.fail("P1376 did not finish within 10 minutes: the machine is too loaded for this test's timing")
     # what SLURM sends --signal-seconds before the time limit, to the batch shell
     assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
     cluster.wait(job, release_requeued=True)
