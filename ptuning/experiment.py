@@ -62,6 +62,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     if ctx.device is not None:
         cfg.model.device = str(ctx.device)
     cfg.model.dtype, why = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
+    if cfg.protocol.lm_fp16:
+        why = "protocol.lm_fp16: the reference's fp16 LM, without loss scaling"
     for variant in sweep:  # a variant shares the model
         variant.cfg.model.device, variant.cfg.model.dtype = cfg.model.device, cfg.model.dtype
     if ctx.coordinator:  # before the model loads: a busy or broken folder stops the run at once
