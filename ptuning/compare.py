@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ptuning import stats
 from ptuning.files import DataError, read_json_object
-from ptuning.results import atomic_write_bytes
+from ptuning.results import grouped_bars
 from ptuning.store import RunStore
 
 
@@ -100,33 +100,13 @@ def table(group: list[Entry]) -> str:
 
 
 def plot(group: list[Entry], path: Path) -> Path:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     relations = list(group[0].setting.hits)
-    width = 0.8 / len(group)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(relations) * len(group) + 2), 3.6))
-    for k, entry in enumerate(group):
+    series = []
+    for entry in group:
         spread = stats.relation_spread(entry.setting)
-        macro = stats.summary(entry.setting)["macro_mean"]
-        ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(relations))],
-               [100 * spread[r]["mean"] for r in relations], width=width, yerr=[100 * spread[r]["std"]
-                                                                              for r in relations],
-               capsize=1.5, label=f"{entry.label} ({100 * macro:.1f})")
-    ax.set_xticks(list(range(len(relations))), relations, rotation=90, fontsize=7)
-    ax.set_ylabel("test P@1 (%)")
-    ax.set_title("per relation: mean over seeds, whiskers: std (legend: macro)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+        series.append((f"{entry.label} ({100 * stats.summary(entry.setting)['macro_mean']:.1f})",
+                       [100 * spread[r]["mean"] for r in relations], [100 * spread[r]["std"] for r in relations]))
+    return grouped_bars(path, relations, series, "per relation: mean over seeds, whiskers: std (legend: macro)")
 
 
 def main(argv: list[str] | None = None) -> int:

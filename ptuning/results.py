@@ -247,11 +247,6 @@ class Report:
 def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
     """Bar chart of test P@1 per relation, manual prompt next to P-tuned (each setting of a sweep: its mean over
     seeds, the standard deviation as an error bar); None when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [(rid, r) for rid, r in payload["relations"].items() if r.get("status") != "skipped"
             and (r.get("status") in ("done", "manual_only", "evaluated") or r.get("variants"))]
     if not rows:
@@ -267,15 +262,27 @@ def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
     else:
         series.append((f"P-tuned ({_pct(payload['macro'].get('test_p@1'))})",
                        [100 * (r.get("test_p@1") or 0) for _, r in rows], None))
+    title = (f"{payload['model']}, {payload['vocab']} (legend: macro average"
+             + ("; bars: mean over seeds, whiskers: std)" if settings else ")"))
+    return grouped_bars(path, [rid for rid, _ in rows], series, title)
+
+
+def grouped_bars(path: str | Path, relations: list[str], series: list[tuple[str, list[float], list[float] | None]],
+                 title: str) -> Path:
+    """Test P@1 (percent) per relation, one bar per series (label, values, error bars or None), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) * len(series) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(relations) * len(series) + 2), 3.6))
     for k, (label, values, errors) in enumerate(series):
-        ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(rows))], values, width=width, label=label,
+        ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(relations))], values, width=width, label=label,
                yerr=errors, capsize=1.5 if errors else 0)
-    ax.set_xticks(list(range(len(rows))), [rid for rid, _ in rows], rotation=90, fontsize=7)
+    ax.set_xticks(list(range(len(relations))), relations, rotation=90, fontsize=7)
     ax.set_ylabel("test P@1 (%)")
-    ax.set_title(f"{payload['model']}, {payload['vocab']} (legend: macro average"
-                 + ("; bars: mean over seeds, whiskers: std)" if settings else ")"), fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
