@@ -134,19 +134,28 @@ def detect_kind(hf_config) -> str:
 
 
 def check_tensor_parallel(hf_config, parallel: ParallelContext) -> None:
-    """transformers shards a model over the whole world (tp_plan="auto"): one replica, tensor_parallel = world
-    size, and only for the families it has a plan for."""
+    """transformers can shard a family it has a tensor-parallel plan for."""
     if not getattr(hf_config, "base_model_tp_plan", None):
         raise ModelError(
             f"parallel.tensor_parallel {parallel.tp_size}: transformers has no tensor-parallel plan for "
             f"'{hf_config.model_type}' models; run it with tensor_parallel 1 (data parallel over relations), or pick "
             "a family with a plan (Llama, Mistral, Qwen2/3, Gemma, ...), or the Megatron-11B backbone")
-    if parallel.n_groups > 1:
-        raise ModelError(
-            f"parallel.tensor_parallel {parallel.tp_size} with {parallel.world_size} ranks: transformers shards a "
-            "model over every rank of the job, so a Hugging Face model takes tensor_parallel = the number of ranks "
-            f"(--nproc_per_node {parallel.tp_size} on one node); several tensor-parallel replicas side by side are "
-            "not supported yet")
+
+
+def shard_on_group(model, parallel: ParallelContext):
+    """Several tensor-parallel replicas side by side (data parallel x tensor parallel): transformers builds its
+    mesh over the whole job, so each group shards a whole copy itself, on a mesh of its own ranks, with
+    transformers' own plan and styles (colwise / rowwise layers as DTensors). Every rank loads the whole model
+    first: for models that fit in host memory once per rank; one replica (tensor_parallel = world size) loads
+    only its shards."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    device = "cuda" if parallel.device is not None and parallel.device.type == "cuda" else "cpu"
+    mesh = DeviceMesh.from_group(parallel.tp_group, device)
+    plan, _, _ = model._resolve_parallel_plans(DistributedConfig(tp_size=parallel.tp_size))
+    return apply_tensor_parallelism(model, mesh, plan)
 
 
 def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
@@ -182,9 +191,12 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
         ) from None
     kind = detect_kind(hf_config) if cfg.kind == "auto" else cfg.kind
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
-    if parallel.tp_size > 1:
+    if parallel.tp_size > 1 and parallel.n_groups == 1:
         check_tensor_parallel(hf_config, parallel)
-        model = auto.from_pretrained(source, dtype=dtype, tp_plan="auto")
+        model = auto.from_pretrained(source, dtype=dtype, tp_plan="auto")  # one replica: each rank reads its shards
+    elif parallel.tp_size > 1:
+        check_tensor_parallel(hf_config, parallel)
+        model = shard_on_group(auto.from_pretrained(source, dtype=dtype).to(resolve_device(cfg.device)), parallel)
     else:
         model = auto.from_pretrained(source, dtype=dtype).to(resolve_device(cfg.device))
     if tokenizer.pad_token is None:

@@ -1,5 +1,6 @@
-"""Hugging Face models through transformers' tensor parallelism (tp_plan="auto", DTensor; gloo on the CPU), with
-the rank-aware prompt encoders of the Megatron backbone. transformers shards over the whole job: one replica."""
+"""Hugging Face models through transformers' tensor parallelism (DTensor; gloo on the CPU), with the rank-aware
+prompt encoders of the Megatron backbone: one replica over the whole job (tp_plan="auto"), or several replicas
+side by side, each sharded on its own group's mesh (data parallel x tensor parallel)."""
 from __future__ import annotations
 
 import json
@@ -57,10 +58,29 @@ def test_ptuning_at_tp_2_equals_tp_1(tiny_llama, lama, tmp_path):
         assert (diffs > 1e-5).float().mean() < 1e-3 and diffs.max() <= 0.01 * 4, rid
 
 
-def test_what_transformers_cannot_shard_is_a_clear_error(tiny_gpt2, tiny_llama):
-    """Said before any weight or process group is touched: GPT-2 has no tensor-parallel plan in transformers, and
-    transformers shards over the whole job (no replicas side by side)."""
+def test_two_replicas_of_tp_2_equal_one_process(tiny_llama, lama, tmp_path):
+    """4 ranks: 2 data-parallel groups x tensor parallel 2, 4 relations in packs of one (so both worlds train the
+    same packs), one thread a rank: the coordinator's figures equal one process's at TP 1."""
+    relations = "P1376,P36,P37,P1001"
+    same = ["--relations", relations, "--set", "train.pack_units=1", "--set", "parallel.threads=1", "--set",
+            "prompt.init=manual"]
+    torchrun(1, *run_args(tiny_llama, lama, tmp_path / "one", *same))
+    torchrun(4, *run_args(tiny_llama, lama, tmp_path / "dp2tp2", *same, "--set", "parallel.tensor_parallel=2"))
+    one, four = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "dp2tp2"))
+    assert four["world_size"] == 4
+    for rid in relations.split(","):
+        a, b = one["relations"][rid], four["relations"][rid]
+        assert (a["test_p@1"], a["dev_p@1"], a["best_epoch"], a["dev_history"]) == \
+               (b["test_p@1"], b["dev_p@1"], b["best_epoch"], b["dev_history"]), rid
+        assert a["test_mrr"] == pytest.approx(b["test_mrr"], abs=1e-6)
+        wa, wb = (load_tensors(RunStore(tmp_path / name).encoder_path(rid)) for name in ("one", "dp2tp2"))
+        diffs = torch.cat([(wa[n] - wb[n]).abs().flatten() for n in wa])
+        assert (diffs > 1e-5).float().mean() < 1e-3 and diffs.max() <= 0.01 * 4, rid
+
+
+def test_what_transformers_cannot_shard_is_a_clear_error(tiny_gpt2):
+    """Said before any weight or process group is touched: GPT-2 has no tensor-parallel plan in transformers."""
     with pytest.raises(ModelError, match=r"no tensor-parallel plan for 'gpt2' models; run it with tensor_parallel 1"):
         load_backbone(ModelConfig(name=str(tiny_gpt2)), ParallelContext(world_size=2, tp_size=2, n_groups=1))
-    with pytest.raises(ModelError, match=r"takes tensor_parallel = the number of ranks"):
-        load_backbone(ModelConfig(name=str(tiny_llama)), ParallelContext(world_size=4, tp_size=2, n_groups=2))
+    with pytest.raises(ModelError, match=r"no tensor-parallel plan for 'gpt2' models"):
+        load_backbone(ModelConfig(name=str(tiny_gpt2)), ParallelContext(world_size=4, tp_size=2, n_groups=2))
