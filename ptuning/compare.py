@@ -19,6 +19,7 @@ from ptuning import stats
 from ptuning.files import DataError, read_json_object
 from ptuning.results import grouped_bars
 from ptuning.store import RunStore
+from ptuning.units import unit_id
 
 
 @dataclass
@@ -50,7 +51,7 @@ def entries(spec: str) -> list[Entry]:
             members = by_setting[name]
             ranks = {}
             for rid in relations:
-                rows = [store.ranks(rid if not v else f"{rid}/{v}", "test") for v, _ in members]
+                rows = [store.ranks(unit_id(rid, v), "test") for v, _ in members]
                 if all(r is not None for r in rows):
                     ranks[rid] = rows
             seeds = [s for _, s in members]

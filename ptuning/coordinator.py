@@ -10,7 +10,7 @@ from ptuning import stats
 from ptuning.progress import Progress
 from ptuning.results import Report, plot_p_at_1
 from ptuning.store import FINAL, RunStore
-from ptuning.units import SEED, Variant
+from ptuning.units import Variant, unit_id
 from ptuning.wandb_log import WandbLogger
 
 
@@ -28,9 +28,6 @@ class Coordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _unit_id(self, relation: str, variant: Variant) -> str:
-        return relation if not variant.name else f"{relation}/{variant.name}"
-
     def poll(self) -> None:
         with self._lock:
             relations, units, finals = {}, {}, []
@@ -40,7 +37,7 @@ class Coordinator:
                 if own is not None and own != self._seen.get(rid):
                     relations[rid] = own
                 for variant in self.variants:
-                    uid = self._unit_id(rid, variant)
+                    uid = unit_id(rid, variant.name)
                     epochs = self._log_epochs(uid, rid, variant)
                     record = own if not variant.name else self.store.result(uid)
                     final = (record or {}).get("status") in FINAL
@@ -113,15 +110,14 @@ class Coordinator:
         for name, members in settings.items():
             ranks = {}
             for rid in self.relations:
-                rows = [self.store.ranks(self._unit_id(rid, v), "test") for v in members]
+                rows = [self.store.ranks(unit_id(rid, v.name), "test") for v in members]
                 if all(r is not None for r in rows):
                     ranks[rid] = rows
             if not ranks:
                 continue
             seeds = [v.cfg.train.seed for v in members]
             hits[name] = stats.setting_from_ranks(ranks, seeds)
-            out["settings"][name] = {**stats.summary(hits[name]), "relations": stats.relation_spread(hits[name]),
-                                     "seed_key": SEED}
+            out["settings"][name] = {**stats.summary(hits[name]), "relations": stats.relation_spread(hits[name])}
         manual = {rid: [r] for rid in self.relations if (r := self.store.ranks(rid, "manual")) is not None}
         if manual:
             manual_setting = stats.setting_from_ranks(manual, [0])

@@ -53,7 +53,12 @@ class Unit:
 
     @property
     def id(self) -> str:
-        return self.relation if not self.variant.name else f"{self.relation}/{self.variant.name}"
+        return unit_id(self.relation, self.variant.name)
+
+
+def unit_id(relation: str, variant: str) -> str:
+    """A unit's id, its folder under relations/: the relation alone for the run's own settings (variant "")."""
+    return relation if not variant else f"{relation}/{variant}"
 
 
 def _value(value: Any) -> str:
