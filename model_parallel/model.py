@@ -7,7 +7,9 @@
 fairseq's dropout sits where fairseq has it (after the embeddings, on the attention weights, after out_proj and
 fc2, after the activation) and acts only in train mode: the frozen model is in eval mode unless the reference
 protocol's lm_dropout asks for the reference's model.train(). Ranks of a tensor-parallel group draw the same masks
-for the replicated activations because they hold the same RNG state and draw the same shapes.
+for the replicated activations because they hold the same RNG state and draw the same shapes; so their different
+heads also draw the same attention masks as one another, a correlation a TP 1 run does not have (it is still
+dropout at the same rate).
 
 Prompt vectors enter as inputs_embeds and, like the subject's token embeddings, get the sqrt(hidden) scale inside
 the model, as the reference P-tuning code did when it passed embeddings through fairseq's decoder.

@@ -114,6 +114,6 @@ def plan_for(backbone, cfg, tp_shards: int) -> Plan:
     tp = getattr(backbone.model, "tp", 1)
     activations = activation_bytes(shape, cfg.train.batch_size, step_tokens(counts), tp, bytes_per)
     k = units_that_fit(usable, encoder, activations, tp_shards)
-    return Plan(k, f"{free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, {RESERVE:.0%} kept back; per relation "
+    return Plan(k, f"{free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, {RESERVE:.0%} kept back; per unit "
                    f"{encoder / GIB:.2f} GiB of encoder state (on 1 of {tp_shards} ranks) and "
                    f"{activations / GIB:.2f} GiB of activations")

@@ -313,7 +313,8 @@ def _check(config: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.row_tokens: must be >= 0 (0 puts one fact in each row)")
     pack = config.train.pack_units
     if (isinstance(pack, str) and pack != "auto") or (isinstance(pack, int) and pack < 0):
-        raise ConfigError(f"{source}: train.pack_units: must be >= 0 (0 packs all relations) or \"auto\"")
+        raise ConfigError(f"{source}: train.pack_units: must be >= 0 (0: each data-parallel group's share in one "
+                          "pack) or \"auto\"")
     zero = (config.deepspeed or {}).get("zero_optimization") or {}
     if isinstance(zero, dict) and zero.get("stage", 0) == 3:
         raise ConfigError(f"{source}: deepspeed.zero_optimization.stage 3 partitions the LM's parameters across the "

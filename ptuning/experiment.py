@@ -68,8 +68,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         variant.cfg.model.device, variant.cfg.model.dtype = cfg.model.device, cfg.model.dtype
     if ctx.coordinator:  # before the model loads: a busy or broken folder stops the run at once
         store.lock(ctx.job or f"pid {os.getpid()}")
-        store.prepare(cfg)
-    ctx.barrier()  # the folder is checked (or cleared) before any rank reads or writes it
+        store.check_resumable(cfg)
 
     backbone = load_backbone(cfg.model, ctx)
     vocab, vocab_key = answer_vocab(cfg, backbone, layout)
@@ -80,6 +79,12 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     shares = assign_packs({i: len(u.task.splits["train"]) for i, u in by_id.items()}, cfg.train.pack_units,
                           ctx.n_groups)
     packs = [[by_id[i] for i in pack] for pack in shares[ctx.group_index]]
+    # a relation's manual baseline is its first unit's group's to evaluate (its variants may be spread over groups)
+    manual_group = {}
+    for index, share in enumerate(shares):
+        for pack in share:
+            for uid in pack:
+                manual_group.setdefault(by_id[uid].relation, index)
 
     header = {
         "model": cfg.model.name, "kind": backbone.kind,
@@ -95,19 +100,24 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
                         epochs=sum(u.variant.cfg.train.max_epochs for u in by_id.values()))
     coordinator = None
     if ctx.coordinator:
+        store.begin(cfg)  # only now, with the model loaded, is an old folder cleared (output.resume false)
         coordinator = Coordinator(store, header, {t.id: _base_fields(t) for t in tasks}, sweep,
                                   _wandb(cfg, store, header, sweep) if cfg.logging.wandb else None, progress)
         coordinator.start()
 
+    ctx.barrier()  # the folder is cleared (or kept) before any rank writes to it
     progress.line(f"model: {cfg.model.name}, {backbone.kind} LM, weights in {cfg.model.dtype} ({why})")
-    worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header)
+    worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header,
+                     {r for r, g in manual_group.items() if g == ctx.group_index})
+    if ready:
+        worker.trainer.check_templates([v.cfg for v in sweep], ready[0])
     try:
         finished = worker.run(packs, mode)
     except USER_ERRORS:
         raise  # a bad file or setting found on the way: one line, not a rank failure
     except Exception as error:
         active = ", ".join(worker.trainer.active or [u.id for pack in packs for u in pack]) or "-"
-        raise RelationFailure(f"rank {ctx.rank} failed on relation(s) {active}: "
+        raise RelationFailure(f"rank {ctx.rank} failed on unit(s) {active}: "
                               f"{type(error).__name__}: {error}") from error
     if not finished:
         raise Stopped(f"rank {ctx.rank}: stopped by {worker.trainer.stop.name} after checkpointing its units "
@@ -153,8 +163,9 @@ class _Worker:
     """What every rank does with its data-parallel group's units; only each unit's writer writes."""
 
     def __init__(self, cfg: ExperimentConfig, store: RunStore, backbone, allowed, ctx: ParallelContext,
-                 progress: Progress, header: dict[str, Any]):
+                 progress: Progress, header: dict[str, Any], manual: set[str]):
         self.cfg, self.store, self.ctx, self.progress = cfg, store, ctx, progress
+        self.manual = manual  # the relations whose manual baseline this group evaluates
         self.trainer = Trainer(backbone, cfg, allowed, progress=progress.line, parallel=ctx)
         self.model_name = header["model"]
         self.last_checkpoint: dict[str, float] = {}  # unit -> when its last checkpoint was written
@@ -194,7 +205,7 @@ class _Worker:
         """The manual prompts' test P@1 of the pack's relations that have none recorded yet (train.manual_baseline,
         or always for --manual-baseline). A relation's, whatever the variant: the manual prompt has no settings a
         sweep varies."""
-        tasks = list({u.relation: u.task for u in pack}.values())
+        tasks = [t for t in {u.relation: u.task for u in pack}.values() if t.id in self.manual]
         need = [t for t in tasks if "manual_p@1" not in (self.store.result(t.id) or {})]
         if not need or not (always or self.cfg.train.manual_baseline):
             return

@@ -145,9 +145,10 @@ def check_tensor_parallel(hf_config, parallel: ParallelContext) -> None:
 def shard_on_group(model, parallel: ParallelContext):
     """Several tensor-parallel replicas side by side (data parallel x tensor parallel): transformers builds its
     mesh over the whole job, so each group shards a whole copy itself, on a mesh of its own ranks, with
-    transformers' own plan and styles (colwise / rowwise layers as DTensors). Every rank loads the whole model
-    first: for models that fit in host memory once per rank; one replica (tensor_parallel = world size) loads
-    only its shards."""
+    transformers' own plan and styles (colwise / rowwise layers as DTensors; `_resolve_parallel_plans` and
+    `apply_tensor_parallelism` as transformers 5.24 has them, the pinned version). Every rank reads the whole
+    model into host memory first: for models that fit there once per rank; one replica (tensor_parallel = world
+    size) reads only its shards."""
     from torch.distributed.device_mesh import DeviceMesh
     from transformers.distributed import DistributedConfig
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
@@ -196,7 +197,9 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
         model = auto.from_pretrained(source, dtype=dtype, tp_plan="auto")  # one replica: each rank reads its shards
     elif parallel.tp_size > 1:
         check_tensor_parallel(hf_config, parallel)
-        model = shard_on_group(auto.from_pretrained(source, dtype=dtype).to(resolve_device(cfg.device)), parallel)
+        # sharded from host memory (each weight moves to the device whole, one at a time, and is cut there), then
+        # what the plan leaves whole follows
+        model = shard_on_group(auto.from_pretrained(source, dtype=dtype), parallel).to(resolve_device(cfg.device))
     else:
         model = auto.from_pretrained(source, dtype=dtype).to(resolve_device(cfg.device))
     if tokenizer.pad_token is None:

@@ -112,13 +112,13 @@ def balance(weights: dict[str, int], n_groups: int) -> list[list[str]]:
 
 
 def assign_packs(weights: dict[str, int], pack_units: int | str, n_groups: int) -> list[list[list[str]]]:
-    """Each data-parallel group's packs: the relations that train together in one batch (weights: training facts
-    per relation, in the config's order).
+    """Each data-parallel group's packs: the units that train together in one batch (weights: training facts per
+    unit, in the run's order: relation by relation, each relation's variants side by side).
 
-    pack_units N > 0: packs of N relations in that order, a function of the config alone, so a relation trains
-    with the same companions (and computes the same floats) whatever the world size; groups take whole packs,
-    largest first onto the least loaded. 0 or "auto": each group's balanced share of the relations as one pack (the
-    trainer splits it by memory under "auto"): the quickest use of N groups, but the packs depend on N."""
+    pack_units N > 0: packs of N units in that order, a function of the config alone, so a unit trains with the
+    same companions (and computes the same floats) whatever the world size; groups take whole packs, largest first
+    onto the least loaded. 0 or "auto": each group's balanced share of the units as one pack (the trainer splits
+    it by memory under "auto"): the quickest use of N groups, but the packs depend on N."""
     if isinstance(pack_units, int) and pack_units > 0:
         names = list(weights)
         packs = {names[i]: names[i:i + pack_units] for i in range(0, len(names), pack_units)}

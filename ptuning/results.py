@@ -227,7 +227,8 @@ class Report:
                                     for name, spec in self.payload["variants"].items()}
         best: dict[str, str] = {}
         for rid, r in relations.items():
-            done = {n: u for n, u in (r.get("variants") or {}).items() if u.get("status") in ("done", "evaluated")}
+            done = {n: u for n, u in (r.get("variants") or {}).items()
+                    if u.get("status") in ("done", "evaluated", "manual_only")}
             if done:
                 best[rid] = max(done, key=lambda n: (done[n].get("dev_p@1", -1), -list(done).index(n)))
         self.payload["best_on_dev"] = best

@@ -56,7 +56,7 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
-# What RelationRun.state_dict writes, by type: a checkpoint without one of them is not one of ours.
+# What UnitRun.state_dict writes, by type: a checkpoint without one of them is not one of ours.
 CHECKPOINT_FIELDS = {"epoch": int, "order": list, "cursor": int, "best_dev": float, "best_epoch": int,
                      "bad_epochs": int, "dev_history": list, "seconds": (int, float), "generator": torch.Tensor,
                      "torch_rng": torch.Tensor, "optimizer": dict}
@@ -95,29 +95,34 @@ class RunStore:
         return self.root / "relations" / unit
 
     # ---- the folder's settings --------------------------------------------------------------------------------
-    def prepare(self, cfg: ExperimentConfig) -> None:
-        """Coordinator only, before any rank starts: check a resumed folder was made with the same settings, or
-        clear it when output.resume is false."""
-        path = self.root / "run_config.json"
+    def check_resumable(self, cfg: ExperimentConfig) -> None:
+        """Coordinator only, before the model loads: a folder to resume reads back whole and was made with the same
+        settings. Writes nothing (output.resume false clears the folder later, in begin)."""
+        if not cfg.output.resume:
+            return
+        self.check()
+        previous = _read_json(self.root / "run_config.json")
+        if previous is None:
+            return
+        # a section the folder's file lacks was added since: the folder was made with its defaults
+        previous = {**identity(config_from_dict({})), **previous}
+        previous["train"] = {k: v for k, v in (previous.get("train") or {}).items() if k != "pack_relations"}
+        mine = identity(cfg)
+        changed = [f"{s}.{k}" for s in IDENTITY_SECTIONS for k in
+                   sorted(set((previous.get(s) or {})) | set(mine[s] or {}))
+                   if (previous.get(s) or {}).get(k) != (mine[s] or {}).get(k)]
+        if changed:
+            raise ConfigError(f"{self.root}: holds results made with other settings ({', '.join(changed)}); use "
+                              "another output.dir, or --set output.resume=false to start it over")
+
+    def begin(self, cfg: ExperimentConfig) -> None:
+        """Coordinator only, once the model has loaded and before any rank writes: clear the folder when
+        output.resume is false, and record the settings it is made with."""
         if not cfg.output.resume:
             shutil.rmtree(self.root / "relations", ignore_errors=True)
             for name in ("results.json", "results.md", "p_at_1.png"):
                 (self.root / name).unlink(missing_ok=True)
-        else:
-            self.check()
-            previous = _read_json(path)
-            if previous is not None:
-                # a section the folder's file lacks was added since: the folder was made with its defaults
-                previous = {**identity(config_from_dict({})), **previous}
-                mine = identity(cfg)
-                changed = [f"{s}.{k}" for s in IDENTITY_SECTIONS for k in
-                           sorted(set((previous.get(s) or {})) | set(mine[s] or {}))
-                           if (previous.get(s) or {}).get(k) != (mine[s] or {}).get(k)]
-                if changed:
-                    raise ConfigError(
-                        f"{self.root}: holds results made with other settings ({', '.join(changed)}); use another "
-                        "output.dir, or --set output.resume=false to start it over")
-        atomic_write_text(path, json.dumps(identity(cfg), indent=2) + "\n")
+        atomic_write_text(self.root / "run_config.json", json.dumps(identity(cfg), indent=2) + "\n")
 
     def check(self) -> None:
         """Every record, checkpoint and saved encoder in the folder reads back (before anything is written)."""

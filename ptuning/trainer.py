@@ -167,9 +167,11 @@ class Trainer:
                       + f"; protocol {self.protocol.describe()}")
 
     # ---- templates and encoders -------------------------------------------------------------------------------
-    def manual_template(self, task: RelationTask) -> ManualTemplate:
+    def manual_template(self, task: RelationTask, cfg: ExperimentConfig | None = None) -> ManualTemplate:
+        """The manual prompt's template (cfg: a unit's own settings, for the rows it fine-tunes on)."""
+        protocol = (cfg or self.cfg).protocol
         return ManualTemplate(self.backbone.tokenizer, self.backbone.kind, task.info.template,
-                              add_bos=self.cfg.model.add_bos, causal_loss_shift=self.protocol.causal_loss_shift,
+                              add_bos=self.cfg.model.add_bos, causal_loss_shift=protocol.causal_loss_shift,
                               bpe_spaces=self.protocol.bpe_spaces)
 
     def counts(self, cfg: ExperimentConfig) -> tuple[int, int, int]:
@@ -181,6 +183,13 @@ class Trainer:
                                anchors=cfg.prompt.anchors, add_bos=cfg.model.add_bos,
                                mask_before_subject=cfg.protocol.mask_before_subject,
                                causal_loss_shift=cfg.protocol.causal_loss_shift, bpe_spaces=cfg.protocol.bpe_spaces)
+
+    def check_templates(self, configs: list[ExperimentConfig], task: RelationTask) -> None:
+        """Every variant's template builds for this model (a combination it refuses, such as anchors with the
+        reference's mask order, stops the run before anything trains, not when its pack comes up)."""
+        for cfg in configs:
+            if self.uses_prompts:
+                self.ptuning_template(task, cfg)
 
     def new_encoder(self, template: PTuningTemplate, seed: int, cfg: ExperimentConfig,
                     hold: bool = True) -> PromptEncoder | None:
@@ -272,15 +281,20 @@ class Trainer:
         return [summarize_ranks(r) for r in self._ranks_of_runs(runs, split)]
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def pack_size(self, n_tasks: int) -> int:
+    def pack_size(self, units: list[Unit]) -> int:
         """How many units train together: train.pack_units, or with "auto" as many as the device's memory holds
-        (ptuning/capacity.py's arithmetic; all of them on a CPU)."""
+        (ptuning/capacity.py's arithmetic, for the largest encoder among the units' variants; all of them on a
+        CPU)."""
+        n_tasks = len(units)
         if self.tune_lm:
             return 1
         pack = self.cfg.train.pack_units
         if pack != "auto":
             return pack or n_tasks
-        plan = capacity.plan_for(self.backbone, self.cfg, self.parallel.tp_size if self.bank.sharded else 1)
+        shards = self.parallel.tp_size if self.bank.sharded else 1
+        plans = [capacity.plan_for(self.backbone, cfg, shards)
+                 for cfg in {id(u.variant): u.variant.cfg for u in units}.values()]
+        plan = min(plans, key=lambda p: p.units if p.units is not None else float("inf"))
         chosen = min(n_tasks, plan.units) if plan.units is not None else n_tasks
         chosen = self.parallel.agree(chosen, "min")  # peers' free memory may differ; their packs may not
         self.progress(f"pack_units auto: {max(1, chosen)} of {n_tasks} units per pack ({plan.reason})"
@@ -298,7 +312,7 @@ class Trainer:
         every epoch that did not end it (for checkpoints); restore may return a unit's saved state to continue from.
         On SIGTERM/SIGUSR1 the units under way are handed to on_stop after the step in flight; returns False then,
         True when done."""
-        size = self.pack_size(sum(len(pack) for pack in packs)) if self.tune_lm or self.cfg.train.pack_units \
+        size = self.pack_size([u for pack in packs for u in pack]) if self.tune_lm or self.cfg.train.pack_units \
             == "auto" else None
         index = 0  # each unit's place in this group's list: its encoder's owner under tensor parallelism
         with self.stop:
@@ -318,7 +332,8 @@ class Trainer:
             unit = Unit(unit, Variant("", {}, self.cfg))
         cfg = unit.variant.cfg
         seed = relation_seed(cfg.train.seed, unit.relation)
-        template = self.ptuning_template(unit.task, cfg) if self.uses_prompts else self.manual_template(unit.task)
+        template = (self.ptuning_template(unit.task, cfg) if self.uses_prompts else
+                    self.manual_template(unit.task, cfg))
         hold = self.bank.holds(index)
         encoder = self.new_encoder(template, seed, cfg, hold) if self.uses_prompts else None
         run = UnitRun(unit, template, encoder, seed, hold, self.bank.writes(index),

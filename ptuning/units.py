@@ -28,6 +28,7 @@ SWEEPABLE = ("train.seed", "train.lr", "train.weight_decay", "train.lr_decay", "
              "protocol.causal_loss_shift", "protocol.mask_before_subject", "protocol.latest_tie",
              "protocol.drop_last", "protocol.last_epoch_unevaluated")
 SEED = "train.seed"
+BASE = "base"  # a sweep's variant with no overrides: a folder of its own beside the relation's record
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,7 +39,8 @@ class Variant:
 
     @property
     def setting(self) -> str:
-        """The variant without its seed: the seeds of one setting are pooled in the statistics."""
+        """The variant without its seed: the seeds of one setting are pooled in the statistics ("" for the run's
+        own settings)."""
         return name_of({k: v for k, v in self.overrides.items() if k != SEED})
 
 
@@ -104,16 +106,19 @@ def variants(cfg: ExperimentConfig, source: str = "config") -> list[Variant]:
         raise ConfigError(f"{where}.variants: expected a list of objects of overrides")
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{where}.grid: expected an object of non-empty lists of values")
+    known = {f"{section}.{key}" for section, values in cfg.to_dict().items() if isinstance(values, dict)
+             for key in values}
     for key in [k for v in listed for k in v] + list(grid):
+        if key not in known:
+            raise ConfigError(f"{where}: '{key}': unknown key (sweepable: {', '.join(SWEEPABLE)})")
         if key not in SWEEPABLE:
-            raise ConfigError(f"{where}: '{key}' cannot vary within a sweep: " + (
-                "it changes what every unit shares (the model, the data, the batches); run it separately"
-                if "." in key else "expected section.key") + f" (sweepable: {', '.join(SWEEPABLE)})")
+            raise ConfigError(f"{where}: '{key}' cannot vary within a sweep: it changes what every unit shares (the "
+                              f"model, the data, the batches); run it separately (sweepable: {', '.join(SWEEPABLE)})")
     out, names = [], set()
     base = {k: v for k, v in cfg.to_dict().items() if k != "sweep"}
     for listed_overrides, combination in itertools.product(listed, itertools.product(*grid.values())):
         overrides = {**listed_overrides, **dict(zip(grid, combination))}
-        name = name_of(overrides)
+        name = name_of(overrides) or BASE
         if "/" in name:
             raise ConfigError(f"{where}: variant {name!r}: a value may not contain '/' (it names a folder)")
         if name in names:

@@ -171,7 +171,7 @@ def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama_c
     proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29614"] + args,
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode != 0
-    assert "error: rank 1 failed on relation(s) P36: IndexError" in proc.stderr, proc.stderr[-3000:]
+    assert "error: rank 1 failed on unit(s) P36: IndexError" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_broken_checkpoint_stops_the_job_before_anything_is_written(tiny_gpt2, lama, tmp_path):
@@ -190,11 +190,16 @@ def test_a_broken_checkpoint_stops_the_job_before_anything_is_written(tiny_gpt2,
 
 def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):
     store = RunStore(tmp_path)
-    store.prepare(load_config(None, ["train.lr=1e-3"]))
-    store.prepare(load_config(None, ["train.lr=1e-3", "train.pack_units=2", "data.relations=P19"]))
+    store.begin(load_config(None, ["train.lr=1e-3"]))
+    store.check_resumable(load_config(None, ["train.lr=1e-3", "train.pack_units=2", "data.relations=P19"]))
     with pytest.raises(ConfigError, match=r"other settings \(train.lr\)"):
-        store.prepare(load_config(None, ["train.lr=3e-3"]))
-    store.prepare(load_config(None, ["train.lr=3e-3", "output.resume=false"]))  # starts the folder over
+        store.check_resumable(load_config(None, ["train.lr=3e-3"]))
+    store.check_resumable(load_config(None, ["train.lr=3e-3", "output.resume=false"]))  # will start it over
+    # a folder from before pack_relations was renamed still resumes (packing does not change results)
+    old = json.loads((tmp_path / "run_config.json").read_text())
+    old["train"]["pack_relations"] = old["train"].pop("pack_units", 0)
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    store.check_resumable(load_config(None, ["train.lr=1e-3"]))
 
 
 @pytest.mark.slow

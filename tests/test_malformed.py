@@ -209,3 +209,14 @@ def _one_line(capsys, message: str) -> None:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and err.splitlines()[-1] == lines[0], err[-2000:]
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_starting_over_with_a_model_that_does_not_load_keeps_the_old_folder(trained, lama, tmp_path, capsys):
+    """output.resume=false clears a folder only once the model has loaded: a typo in model.name loses nothing."""
+    folder = tmp_path / "out"
+    shutil.copytree(trained, folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "run.lock"}
+    assert main(["--set", f"model.name={tmp_path / 'no-such-model'}", "--relations", "P36", "--data-dir", str(lama),
+                 "--out", str(folder), "--set", "output.resume=false", *SMALL]) == 2
+    _one_line(capsys, r"no-such-model")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "run.lock"} == before

@@ -46,6 +46,10 @@ def test_variants_of_a_grid_and_a_list(tmp_path):
     assert [v.setting for v in variants(cfg)][:2] == ["encoder=mlp", "encoder=mlp"]
     assert variants(cfg)[1].cfg.train.seed == 35 and variants(cfg)[1].cfg.prompt.encoder == "mlp"
     assert [v.name for v in variants(load_config(None))] == [""]  # no sweep: the run's own settings
+    listed = load_config(None, ['sweep.variants=[{}, {"train.lr": 0.003}]'])
+    assert [(v.name, v.setting) for v in variants(listed)] == [("base", ""), ("lr=0.003", "lr=0.003")]
+    with pytest.raises(ConfigError, match="'train.sed': unknown key"):
+        load_config(None, [], ["train.sed=1,2"])
     with pytest.raises(ConfigError, match="'model.dtype' cannot vary within a sweep: it changes what every unit "
                                           "shares"):
         load_config(None, [], ["model.dtype=float16,float32"])
