@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RELATIONS = ["P1376", "P36", "P37"]  # small relations: 248/62/234, 416/104/703, 248/62/966 facts
 
 
+def free_port() -> int:
+    """A port no one listens on now, for a torchrun rendezvous (tests may run side by side)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def lama_dir() -> Path:
     path = Path(os.environ.get("LAMA_DATA") or REPO.parent / "shared" / "lama")
     if not (path / "fact-retrieval" / "original").is_dir():

@@ -20,7 +20,7 @@ from ptuning.config import ModelConfig
 from ptuning.models import ModelError, load_backbone
 from ptuning.results import load_tensors
 from ptuning.store import RunStore
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.megatron_fixture import SPEC, write_release
 
 BIN = Path(sys.executable).parent
@@ -40,7 +40,7 @@ def merged(release, tmp_path_factory):
 
 def torchrun(n: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(29700 + n),
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port()),
                            *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
