@@ -89,6 +89,10 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
+def _bold(text: str) -> str:
+    return f"**{text}**" if text else ""  # a manual-only run has no test P@1 to stand out
+
+
 def _mrr(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -129,7 +133,7 @@ def render_markdown(payload: dict) -> str:
         count = f"{a['n_relations']} relations" if name == "macro" else f"{a['n_test_facts']} facts"
         lines.append(
             f"| **{name} average** | {count} | | {_pct(a.get('manual_p@1'))} | {_pct(a.get('dev_p@1'))} | "
-            f"**{_pct(a.get('test_p@1'))}** | {_pct(a.get('test_p@10'))} | {_mrr(a.get('test_mrr'))} | | |"
+            f"{_bold(_pct(a.get('test_p@1')))} | {_pct(a.get('test_p@10'))} | {_mrr(a.get('test_mrr'))} | | |"
         )
     setting = (payload.get("statistics") or {}).get("settings", {}).get("")
     if setting:
@@ -139,6 +143,11 @@ def render_markdown(payload: dict) -> str:
                      f"{_ci(setting['gain_over_manual']['ci95'])} (paired on the same facts)."
                      if setting.get("gain_over_manual") else ".")]
     return "\n".join(lines) + "\n"
+
+
+def _setting_label(name: str) -> str:
+    """A sweep's settings are named by what they override; the one overriding nothing is the run's own."""
+    return name or "(the run settings)"
 
 
 def _sweep_tables(payload: dict) -> list[str]:
@@ -156,16 +165,17 @@ def _sweep_tables(payload: dict) -> list[str]:
     for name, s in settings.items():
         gain = s.get("gain_over_manual") or {}
         seeds = ", ".join(map(str, s["seeds"]))
-        lines.append(f"| {name or '(the run settings)'} | {seeds} | {_pct(s['macro_mean'])} ± "
+        lines.append(f"| {_setting_label(name)} | {seeds} | {_pct(s['macro_mean'])} ± "
                      f"{100 * s['macro_std']:.1f} | {_ci(s['macro_ci95'])} | {_pct(s['micro_mean'])} | "
                      f"{_signed(gain['mean']) if gain else ''} | {_ci(gain.get('ci95'))} |")
     lines.append(f"| best variant per relation, chosen on dev | | {_pct(payload['macro'].get('test_p@1'))} | | "
                  f"{_pct(payload['micro'].get('test_p@1'))} | | |")
     for name, diff in stats.get("against_first", {}).items():
-        lines += ["", f"{name} against {next(iter(settings))}: macro {_signed(diff['mean'])}, 95% CI "
+        first = _setting_label(next(iter(settings)))
+        lines += ["", f"{_setting_label(name)} against {first}: macro {_signed(diff['mean'])}, 95% CI "
                       f"{_ci(diff['ci95'])} (paired on facts{' and seeds' if diff['paired_seeds'] else ''})."]
     lines += ["", "Per relation, test P@1 (mean ± standard deviation over seeds):", "",
-              "| relation | label | n test | manual | " + " | ".join(n or "(run settings)" for n in settings)
+              "| relation | label | n test | manual | " + " | ".join(map(_setting_label, settings))
               + " | best on dev (variant) |",
               "|---|---|---:|---:|" + "---:|" * len(settings) + "---|"]
     for rid, r in payload["relations"].items():

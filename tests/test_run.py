@@ -62,6 +62,7 @@ def test_manual_baseline_only(tiny_gpt2, lama, tmp_path):
                  "--out", str(tmp_path), "--manual-baseline", *SMALL]) == 0
     r = json.loads((tmp_path / "results.json").read_text())["relations"]["P36"]
     assert r["status"] == "manual_only" and "manual_p@1" in r and "test_p@1" not in r
+    assert "****" not in (tmp_path / "results.md").read_text()  # no empty headline cell
 
 
 def test_empty_relation_is_skipped_and_recorded(tiny_gpt2, lama_copy, tmp_path):
