@@ -19,11 +19,16 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) launcher/run.py --config configs/quickstart.json $(DEMO_ARGS)
 
+# Two pytest workers, each given whole files (module fixtures built once): most tests launch several processes
+# and wait on them (torchrun, DeepSpeed, SLURM), which leaves one process's CPU idle much of the time.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PYTEST)
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest tests -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # On a GPU machine as it comes (torch, transformers, safetensors; peft optional): no venv, no install.
 gpu-check:

@@ -234,7 +234,7 @@ def test_merged_model_matches_the_plain_reference_with_and_without_padding(relea
     assert torch.allclose(behind[0].cpu(), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tp", [2, 8])  # 4 is covered by test_ptuning_is_the_same_at_tp_1_2_and_4
 def test_tensor_parallel_logits_and_input_gradients_equal_the_merged_model(tp, release, merged, tmp_path):
     release_dir, tokenizer, _ = release
     source = release_dir if tp == 8 else merged  # TP=8 loads part i into rank i, no merge
@@ -345,11 +345,11 @@ def test_the_meta_built_model_equals_the_old_path(merged, dtype):
     _assert_loaded_like_the_old_path(merged, 1, 0, dtype)
 
 
-@pytest.mark.parametrize("tp", [2, 8])
-def test_the_meta_built_model_equals_the_old_path_tensor_parallel(tp, release, merged, monkeypatch):
-    """Under torchrun, each rank against the old path: the merged folder at 2, the release's parts at 8."""
+def test_the_meta_built_model_equals_the_old_path_tensor_parallel(merged, monkeypatch):
+    """Under torchrun, each of 2 ranks against the old path, bit for bit. (The release's own parts at TP 8 are
+    checked against the merged model by the logits and gradients test above, to 1e-5.)"""
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # this file runs as the workers' script
-    torchrun(tp, str(Path(__file__)), str(release[0] if tp == 8 else merged))
+    torchrun(2, str(Path(__file__)), str(merged))
 
 
 def test_weights_that_do_not_fit_are_a_clear_error(merged, tmp_path):

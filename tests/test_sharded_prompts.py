@@ -39,7 +39,7 @@ def held(log_dir) -> dict[int, tuple[list[str], int]]:
     return out
 
 
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("tp", [2, 8])  # a unit on every rank; 6 ranks holding none, on the release's own parts
 def test_sharded_encoders_equal_replicated_ones(tp, release, merged, lama, tmp_path):
     source = release[0] if tp == 8 else merged  # TP 8 loads the release's parts as they are
     runs = {}

@@ -162,7 +162,7 @@ def test_the_deepspeed_launcher_hands_its_ranks_the_jobs_gpus(tmp_path, visible,
                     "e = os.environ\nPath(sys.argv[0]).with_name('rank' + e['RANK']).write_text("
                     "f\"{e['WORLD_SIZE']} {e['CUDA_VISIBLE_DEVICES']} {sys.argv[1:]}\")\n")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_JOB_ID": "7", "SLURM_NODEID": "1", "HEAD": "127.0.0.1", "PORT": "29615",
+           "SLURM_JOB_ID": "7", "SLURM_NODEID": "1", "HEAD": "127.0.0.1", "PORT": "29618",
            "CUDA_VISIBLE_DEVICES": visible}
     command = deepspeed_node_command(len(visible.split(",")), 2, tmp_path)
     proc = subprocess.run(["bash", "-c", command, "ptuning", str(rank), "--config", "c.json"], env=env,
