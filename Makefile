@@ -19,10 +19,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) launcher/run.py --config configs/quickstart.json $(DEMO_ARGS)
 
-# Two pytest workers, each given whole files (module fixtures built once): most tests launch several processes
-# and wait on them (torchrun, DeepSpeed, SLURM), which leaves one process's CPU idle much of the time.
-TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest tests --durations=15
 
 test: $(VENV)/.installed
 	$(PYTEST)
