@@ -156,20 +156,21 @@ def _sweep_tables(payload: dict) -> list[str]:
     lines = [f"A sweep of {len(payload['variants'])} variants: every relation trained under each (a unit each, "
              "packed together). Settings pool their seeds: mean ± standard deviation over seeds, and a 95% bootstrap "
              "interval resampling test facts within relations and seeds.", "",
-             "| setting | seeds | macro test P@1 | 95% CI | micro test P@1 | gain over manual | 95% CI |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| setting | seeds | macro test P@1 | 95% CI | micro test P@1 | 95% CI | gain over manual | 95% CI |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     manual = stats.get("manual")
     if manual:
         lines.append(f"| manual prompt | | {_pct(manual['macro_mean'])} | {_ci(manual['macro_ci95'])} | "
-                     f"{_pct(manual['micro_mean'])} | | |")
+                     f"{_pct(manual['micro_mean'])} | {_ci(manual.get('micro_ci95'))} | | |")
     for name, s in settings.items():
         gain = s.get("gain_over_manual") or {}
         seeds = ", ".join(map(str, s["seeds"]))
         lines.append(f"| {_setting_label(name)} | {seeds} | {_pct(s['macro_mean'])} ± "
                      f"{100 * s['macro_std']:.1f} | {_ci(s['macro_ci95'])} | {_pct(s['micro_mean'])} | "
+                     f"{_ci(s.get('micro_ci95'))} | "
                      f"{_signed(gain['mean']) if gain else ''} | {_ci(gain.get('ci95'))} |")
     lines.append(f"| best variant per relation, chosen on dev | | {_pct(payload['macro'].get('test_p@1'))} | | "
-                 f"{_pct(payload['micro'].get('test_p@1'))} | | |")
+                 f"{_pct(payload['micro'].get('test_p@1'))} | | | |")
     for name, diff in stats.get("against_first", {}).items():
         first = _setting_label(next(iter(settings)))
         lines += ["", f"{_setting_label(name)} against {first}: macro {_signed(diff['mean'])}, 95% CI "

@@ -1,4 +1,4 @@
-"""Statistics over seeds and test facts: means, spreads and bootstrap confidence intervals for macro P@1.
+"""Statistics over seeds and test facts: means, spreads and bootstrap confidence intervals for macro (and micro) P@1.
 
 A setting's result is, per relation, one row of test hits (1 where the restricted rank is 1) per seed. The macro
 P@1 is the mean over relations of each relation's P@1 averaged over seeds. Its 95% interval comes from resampling
@@ -56,6 +56,16 @@ def _macro(setting: Setting, facts: dict[str, np.ndarray], seeds: np.ndarray) ->
     return np.mean(per_relation, axis=0)
 
 
+def _micro(setting: Setting, facts: dict[str, np.ndarray], seeds: np.ndarray) -> np.ndarray:
+    """The micro P@1 of each resample, (B,): relations weighted by their test facts."""
+    hits = total = 0
+    for relation, rows in setting.hits.items():
+        p_by_seed = rows[:, facts[relation]].mean(axis=2)  # (seeds, B)
+        hits = hits + rows.shape[1] * np.take_along_axis(p_by_seed.T, seeds, axis=1).mean(axis=1)
+        total += rows.shape[1]
+    return hits / total
+
+
 def _check_same_facts(a: Setting, b: Setting) -> None:
     if a.hits.keys() != b.hits.keys() or any(a.hits[r].shape[1] != b.hits[r].shape[1] for r in a.hits):
         raise ValueError("the two settings were tested on different facts: a paired comparison needs the same "
@@ -63,15 +73,17 @@ def _check_same_facts(a: Setting, b: Setting) -> None:
 
 
 def summary(setting: Setting, seed: int = 0) -> dict:
-    """Macro P@1 mean over seeds, its spread across seeds, and the bootstrap 95% interval; micro mean."""
+    """Macro and micro P@1: mean over seeds, spread across seeds, and the bootstrap 95% interval (the same draws)."""
     generator = np.random.default_rng(seed)
     facts, seeds = _draws({r: h.shape[1] for r, h in setting.hits.items()}, len(setting.seeds), generator)
-    values = _macro(setting, facts, seeds)
-    macro = setting.macro_by_seed()
-    return {"seeds": setting.seeds, "macro_by_seed": macro,
-            "macro_mean": statistics.mean(macro), "macro_std": statistics.stdev(macro) if len(macro) > 1 else 0.0,
-            "macro_ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))],
-            "micro_mean": statistics.mean(setting.micro_by_seed())}
+    macro, micro = setting.macro_by_seed(), setting.micro_by_seed()
+    out = {"seeds": setting.seeds, "macro_by_seed": macro}
+    for name, by_seed, values in (("macro", macro, _macro(setting, facts, seeds)),
+                                  ("micro", micro, _micro(setting, facts, seeds))):
+        out.update({f"{name}_mean": statistics.mean(by_seed),
+                    f"{name}_std": statistics.stdev(by_seed) if len(by_seed) > 1 else 0.0,
+                    f"{name}_ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]})
+    return out
 
 
 def difference(a: Setting, b: Setting, seed: int = 0) -> dict:

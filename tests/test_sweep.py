@@ -133,6 +133,10 @@ def test_bootstrap_intervals_behave():
     s = stats.summary(setting)
     assert s["macro_ci95"][0] < s["macro_mean"] < s["macro_ci95"][1]
     assert s["macro_ci95"][1] - s["macro_ci95"][0] < 0.06  # 4 x 1200 facts: a few points wide at most
+    assert s["micro_ci95"][0] < s["micro_mean"] < s["micro_ci95"][1]
+    # relations of unequal size: micro weights facts, macro weights relations
+    uneven = stats.summary(stats.Setting([1, 2, 3], {"P0": np.ones((3, 900)), "P1": np.zeros((3, 100))}))
+    assert uneven["micro_mean"] == uneven["micro_ci95"][0] == 0.9 and uneven["macro_mean"] == 0.5
     same = stats.difference(setting, setting)
     assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0] and same["paired_seeds"]
     better = stats.Setting([1, 2, 3], {r: np.maximum(h, (rng.random(h.shape) < 0.2)) for r, h in hits.items()})
