@@ -45,25 +45,23 @@ def _draws(n_relation_facts: dict[str, int], n_seeds: int, generator: np.random.
     return facts, seeds
 
 
-def _macro(setting: Setting, facts: dict[str, np.ndarray], seeds: np.ndarray) -> np.ndarray:
-    """The macro P@1 of each resample, (B,)."""
-    per_relation = []
+def _resampled(setting: Setting, facts: dict[str, np.ndarray], seeds: np.ndarray) -> dict[str, np.ndarray]:
+    """Each relation's P@1 in each resample, (B,): the drawn seeds' mean at the drawn facts."""
+    out = {}
     for relation, hits in setting.hits.items():
-        # (B, facts) hits of every seed at the drawn facts, then the drawn seeds' mean
-        at_facts = hits[:, facts[relation]]  # (seeds, B, facts)
-        p_by_seed = at_facts.mean(axis=2)  # (seeds, B)
-        per_relation.append(np.take_along_axis(p_by_seed.T, seeds, axis=1).mean(axis=1))
-    return np.mean(per_relation, axis=0)
+        p_by_seed = hits[:, facts[relation]].mean(axis=2)  # (seeds, B)
+        out[relation] = np.take_along_axis(p_by_seed.T, seeds, axis=1).mean(axis=1)
+    return out
 
 
-def _micro(setting: Setting, facts: dict[str, np.ndarray], seeds: np.ndarray) -> np.ndarray:
-    """The micro P@1 of each resample, (B,): relations weighted by their test facts."""
-    hits = total = 0
-    for relation, rows in setting.hits.items():
-        p_by_seed = rows[:, facts[relation]].mean(axis=2)  # (seeds, B)
-        hits = hits + rows.shape[1] * np.take_along_axis(p_by_seed.T, seeds, axis=1).mean(axis=1)
-        total += rows.shape[1]
-    return hits / total
+def _macro(per_relation: dict[str, np.ndarray]) -> np.ndarray:
+    return np.mean(list(per_relation.values()), axis=0)
+
+
+def _micro(setting: Setting, per_relation: dict[str, np.ndarray]) -> np.ndarray:
+    """Relations weighted by their test facts."""
+    sizes = {r: h.shape[1] for r, h in setting.hits.items()}
+    return sum(sizes[r] * p for r, p in per_relation.items()) / sum(sizes.values())
 
 
 def _check_same_facts(a: Setting, b: Setting) -> None:
@@ -76,10 +74,11 @@ def summary(setting: Setting, seed: int = 0) -> dict:
     """Macro and micro P@1: mean over seeds, spread across seeds, and the bootstrap 95% interval (the same draws)."""
     generator = np.random.default_rng(seed)
     facts, seeds = _draws({r: h.shape[1] for r, h in setting.hits.items()}, len(setting.seeds), generator)
+    per_relation = _resampled(setting, facts, seeds)
     macro, micro = setting.macro_by_seed(), setting.micro_by_seed()
     out = {"seeds": setting.seeds, "macro_by_seed": macro}
-    for name, by_seed, values in (("macro", macro, _macro(setting, facts, seeds)),
-                                  ("micro", micro, _micro(setting, facts, seeds))):
+    for name, by_seed, values in (("macro", macro, _macro(per_relation)),
+                                  ("micro", micro, _micro(setting, per_relation))):
         out.update({f"{name}_mean": statistics.mean(by_seed),
                     f"{name}_std": statistics.stdev(by_seed) if len(by_seed) > 1 else 0.0,
                     f"{name}_ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]})
@@ -94,7 +93,7 @@ def difference(a: Setting, b: Setting, seed: int = 0) -> dict:
     facts, seeds_a = _draws(sizes, len(a.seeds), generator)
     paired = a.seeds == b.seeds
     seeds_b = seeds_a if paired else generator.integers(0, len(b.seeds), size=(BOOTSTRAP, len(b.seeds)))
-    values = _macro(a, facts, seeds_a) - _macro(b, facts, seeds_b)
+    values = _macro(_resampled(a, facts, seeds_a)) - _macro(_resampled(b, facts, seeds_b))
     mean = statistics.mean(a.macro_by_seed()) - statistics.mean(b.macro_by_seed())
     return {"mean": mean, "ci95": [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))],
             "paired_seeds": paired}

@@ -187,8 +187,8 @@ class Trainer:
     def check_templates(self, configs: list[ExperimentConfig], task: RelationTask) -> None:
         """Every variant's template builds for this model (a combination it refuses, such as anchors with the
         reference's mask order, stops the run before anything trains, not when its pack comes up)."""
-        for cfg in configs:
-            if self.uses_prompts:
+        if self.uses_prompts:
+            for cfg in configs:
                 self.ptuning_template(task, cfg)
 
     def new_encoder(self, template: PTuningTemplate, seed: int, cfg: ExperimentConfig,
