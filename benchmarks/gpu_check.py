@@ -113,7 +113,7 @@ def tasks_for(tokenizer, vocab_size: int, relations: list[str], layout, vocab_ke
 
 
 def fresh_runs(trainer: Trainer, tasks) -> list:
-    runs = [trainer._new_run(t, i) for i, t in enumerate(tasks)]
+    runs = trainer.prepare(tasks)
     for run in runs:
         run.order = run.order[:BATCH]  # the same facts every step
     return runs
@@ -123,7 +123,7 @@ def step_fn(trainer: Trainer, runs: list):
     def step() -> None:
         for run in runs:
             run.cursor = 0
-        trainer._step(runs)
+        trainer.step(runs)
     return step
 
 
@@ -162,7 +162,7 @@ def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str
         peak = check.peak()
         estimate = (n * capacity.activation_bytes(shape, BATCH, capacity.step_tokens((3, 3, 0)), 1,
                                                   2 if dtype != torch.float32 else 4)
-                    + n * capacity.device_encoder_bytes(sum(p.numel() for p in runs[0].encoder.parameters()))) / GIB
+                    + n * capacity.device_encoder_bytes(trainer.layout(runs[0]).size)) / GIB
         check.add(f"megatron_step_s_{n}", f"Megatron: packed step, {n} relation(s), {BATCH * n} facts", seconds,
                   ".3f", f"s; {BATCH * n / seconds:.0f} facts/s; {flops / seconds / check.figures['matmul_flops']:.1%}"
                          f" of the measured matmul rate ({flops / seconds / 1e12:.1f} TFLOP/s, {tokens} tokens)")

@@ -45,7 +45,7 @@ def child(model: str, data_dir: str, relations: str, pack: int, row_tokens: int,
                              f"train.pack_units={pack}", f"train.row_tokens={row_tokens}", "logging.wandb=false",
                              "logging.progress=off", f"output.dir={out}", "prompt.template=[3,3,0]", *overrides])
     phases = {"train steps": 0.0, "evaluation": 0.0}
-    Trainer._step = timed(phases, "train steps", Trainer._step)
+    Trainer.step = timed(phases, "train steps", Trainer.step)
     Trainer.ranks = timed(phases, "evaluation", Trainer.ranks)
     start = time.perf_counter()
     payload = run_experiment(cfg, data_dir)
@@ -64,14 +64,14 @@ def first_step_gradients(model: str, data_dir: str, row_tokens: int) -> float:
 
     cfg = load_config(None, [f"model.name={model}", "prompt.template=[3,3,0]", f"train.row_tokens={row_tokens}"])
     trainer, tasks = trainer_and_tasks(cfg, data_dir, RELATIONS.split(","))
-    runs = [trainer._new_run(task) for task in tasks]
+    runs = trainer.prepare(tasks)
 
     def gradients(group) -> list[torch.Tensor]:
         for run in group:
             run.cursor = 0
-            run.encoder.zero_grad(set_to_none=True)
-        trainer._loss(group).backward()
-        return [torch.cat([p.grad.flatten() for p in run.encoder.parameters()]) for run in group]
+        trainer.bank.zero_grad()
+        trainer.loss(group).backward()
+        return [trainer.bank.gradient(run.unit.id).clone() for run in group]
 
     packed = gradients(runs)
     alone = [gradients([run])[0] for run in runs]

@@ -55,13 +55,13 @@ def batches(n_train: int, batch: int, steps: int, seed: int) -> list[list[int]]:
 
 def run_ours(relation: str, data_dir: str, batch: int, steps: int, seed: int) -> dict:
     trainer, task = setup(relation, data_dir, batch, seed)
-    run = trainer._new_run(task)
+    run, = trainer.prepare([task])
     def step(picked: list[int]) -> None:
         run.order, run.cursor = picked, 0
-        trainer._step([run])
+        trainer.step([run])
 
     seconds = timed_steps(batches(len(run.rows["train"]), batch, steps, seed), step)
-    dev, test = (trainer._evaluate_runs([run], split)[0] for split in ("dev", "test"))
+    dev, test = (trainer.evaluate_runs([run], split)[0] for split in ("dev", "test"))
     return {"seconds": seconds, "dev_p@1": dev["p@1"], "n_dev": dev["n"], "test_p@1": test["p@1"], "n_test": test["n"]}
 
 

@@ -61,7 +61,7 @@ def main() -> None:
                              f"train.eval_batch_size={args.batch}", "prompt.template=[3,3,0]"])
     trainer, (task,) = trainer_and_tasks(cfg, resolve_data_dir(args.data_dir, None), [args.relation])
     backbone = trainer.backbone
-    run = trainer._new_run(task)
+    run, = trainer.prepare([task])
     rows = run.rows["train"][: args.batch]
 
     # The raw baselines: one padded fact per row, prompt slots filled once.
@@ -72,7 +72,7 @@ def main() -> None:
     positions, targets = batch.layout.target_row, batch.layout.target_col
 
     def ptuning_step() -> None:
-        trainer._step([run])
+        trainer.step([run])
         run.cursor = 0  # stay on the same batch
 
     def raw_forward_backward() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
 
     def ours_eval() -> None:
         with torch.no_grad():
-            trainer.ranks([(run.encoder(), rows)])
+            trainer.ranks([(trainer.vectors([run])[0], rows)])
 
     def raw_forward() -> None:
         with torch.no_grad():
@@ -158,10 +158,10 @@ def efficiency(args, trainer, run, rows, step_seconds: float) -> None:
             cfg = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}",
                                      "prompt.template=[3,3,0]", "model.dtype=bfloat16"])
             other, (task,) = trainer_and_tasks(cfg, resolve_data_dir(args.data_dir, None), [args.relation])
-            bf16_run = other._new_run(task)
+            bf16_run, = other.prepare([task])
 
             def step() -> None:
-                other._step([bf16_run])
+                other.step([bf16_run])
                 bf16_run.cursor = 0
             for _ in range(3):
                 step()

@@ -69,11 +69,19 @@ def fill_rows(lengths: list[int], max_width: int) -> list[list[int]]:
 
 
 def collate(rows: list[Row], owners: list[int], offsets: list[int], pad_id: int, side: str, row_tokens: int,
-            device: torch.device, weights: list[float] | None = None) -> Batch:
+            device: torch.device, weights: list[float] | None = None, separate: bool = False) -> Batch:
     """Lay the facts out in batch rows (shared rows of `row_tokens`, or one per row when 0) padded on `side`;
     pseudo slots point into the concatenation of the items' prompt vectors (owners[i]: fact i's item). Facts
-    keep their input order in labels and the layout's targets. Built on the CPU, then moved at once."""
-    groups = fill_rows([len(r.ids) for r in rows], row_tokens)
+    keep their input order in labels and the layout's targets. separate: facts share rows only with facts of
+    the same item (an inf in one item's backward cannot reach another's through attention's). Built on the CPU,
+    then moved at once."""
+    if separate:
+        groups = []
+        for owner in dict.fromkeys(owners):
+            mine = [i for i, o in enumerate(owners) if o == owner]
+            groups += [[mine[j] for j in group] for group in fill_rows([len(rows[i].ids) for i in mine], row_tokens)]
+    else:
+        groups = fill_rows([len(r.ids) for r in rows], row_tokens)
     width = max(sum(len(rows[i].ids) for i in group) for group in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     pseudo = torch.full((len(groups), width), -1, dtype=torch.long)

@@ -285,9 +285,10 @@ def _resolve_protocol(config: ExperimentConfig, source: str) -> None:
             raise ConfigError(f"{source}: protocol.lm_fp16 puts the LM in float16; it cannot be combined with "
                               "model.dtype bfloat16 or model.bf16 (set protocol.lm_fp16=false to keep bf16)")
         config.model.dtype = "float16"
-    if protocol.lm_dropout and config.prompt.lstm_dropout > 0 and config.parallel.tensor_parallel > 1:
-        raise ConfigError(f"{source}: protocol.lm_dropout under tensor parallelism needs prompt.lstm_dropout 0: only "
-                          "an encoder's owner draws its dropout, and the group's LM dropout masks would part ways")
+    if protocol.lm_dropout and config.parallel.deterministic:
+        raise ConfigError(f"{source}: protocol.lm_dropout draws the frozen LM's dropout masks from the process's "
+                          "generator, so a unit's masks depend on its pack and on a resume: it cannot be combined "
+                          "with parallel.deterministic (set one of them false)")
     if protocol.last_epoch_unevaluated and config.train.max_epochs < 2:
         raise ConfigError(f"{source}: protocol.last_epoch_unevaluated evaluates epochs 1..max_epochs-1: "
                           "train.max_epochs must be >= 2")

@@ -244,9 +244,9 @@ class _Worker:
     def finished(self, outcome: UnitOutcome) -> None:
         unit = outcome.unit.id
         if outcome.writes:
-            if outcome.encoder is not None and self.cfg.output.save_encoders:
+            if outcome.prompt is not None and self.cfg.output.save_encoders:
                 cfg = outcome.unit.variant.cfg
-                self.store.save_prompt(unit, outcome.encoder, {
+                self.store.save_prompt(unit, *outcome.prompt, {
                     "relation": outcome.unit.relation, "variant": outcome.unit.variant.name,
                     "model": self.model_name, "encoder": cfg.prompt.encoder,
                     "template": ",".join(map(str, outcome.counts)), "anchors": str(cfg.prompt.anchors)})
@@ -259,23 +259,20 @@ class _Worker:
                                f"(best dev epoch {outcome.metrics['best_epoch']})")
 
     def evaluate_saved(self, pack: list[Unit]) -> None:
+        # every rank evaluates with every saved encoder: no optimizer state, little memory
         loaded = []
-        for unit in pack:  # every rank evaluates with every saved encoder: no optimizer state, little memory
-            template = self.trainer.ptuning_template(unit.task, unit.variant.cfg)
-            encoder = self.trainer.new_encoder(template, 0, unit.variant.cfg)
+        for unit in pack:
             try:
-                encoder.load_state_dict(self.store.load_encoder_state(unit.id))
-            except RuntimeError as error:
+                vector = self.trainer.saved_vectors([unit], [self.store.load_encoder_state(unit.id)])[0]
+            except ValueError as error:
                 raise DataError(f"{self.store.encoder_path(unit.id)}: does not fit the configured prompt encoder "
                                 f"({one_line(error)})") from None
-            loaded.append((unit, encoder, template))
-        with torch.no_grad():
-            vectors = [enc() for _, enc, _ in loaded]
+            loaded.append((unit, vector, self.trainer.ptuning_template(unit.task, unit.variant.cfg)))
         ranks = {}
         for split in ("dev", "test"):
             items = [(vec, tpl.rows([e.subject for e in u.task.splits[split]],
                                     [e.label for e in u.task.splits[split]]))
-                     for vec, (u, _, tpl) in zip(vectors, loaded)]
+                     for u, vec, tpl in loaded]
             ranks[split] = self.trainer.ranks(items)
         for (unit, _, _), dev, test in zip(loaded, ranks["dev"], ranks["test"]):
             d, t = summarize_ranks(dev), summarize_ranks(test)

@@ -1,10 +1,12 @@
-"""Dynamic loss scaling for a float16 language model (V100s; the Megatron-11B release's own dtype).
+"""Dynamic loss scaling for a float16 language model (V100s; the Megatron-11B release's own dtype), per unit.
 
 The gradient that reaches the prompts passes back through every fp16 layer of the frozen LM, where small values
-flush to zero. The loss is multiplied by a scale before backward and the encoders' gradients divided by it before
-their step; a step whose gradients overflowed is skipped and the scale halved, and after `interval` clean steps
-it doubles. Under tensor parallelism the overflow verdict is agreed across the group (one all-reduce of a flag),
-so every rank keeps the same scale and the vocab-parallel backward stays consistent. bf16 needs none of this.
+flush to zero. Each unit's loss is multiplied by its own scale before backward and its encoder's gradient divided
+by it in its Adam step; a unit whose gradient overflowed skips its step and halves its scale, and after `interval`
+clean steps its scale doubles. One unit's overflow never touches another's step or scale (its facts share batch
+rows only with each other, so an inf cannot cross into another unit's backward). Under tensor parallelism the
+verdicts are agreed across the group (one all-reduce of the per-unit flags), so every rank keeps the same scales
+and the vocab-parallel backward stays consistent. bf16 needs none of this.
 """
 from __future__ import annotations
 
@@ -16,34 +18,39 @@ from ptuning.parallel import ParallelContext
 
 class LossScaler:
     def __init__(self, parallel: ParallelContext, scale: float = 2.0**16, interval: int = 1000):
-        self.parallel, self.scale, self.interval, self.clean_steps = parallel, scale, interval, 0
-        self.skipped = 0
+        self.parallel, self.initial, self.interval = parallel, scale, interval
+        self.units: dict[str, dict] = {}  # unit id -> {"scale", "clean_steps"}
+        self.skipped = 0  # unit steps skipped, over every unit
 
-    def backward_and_step(self, loss: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> bool:
-        """Backward of the scaled loss, then the optimizers' steps on unscaled gradients; False if skipped."""
-        (loss * self.scale).backward()
-        grads = [p.grad for opt in optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        overflow = torch.zeros((), device=loss.device)
-        for grad in grads:
-            overflow = torch.maximum(overflow, (~torch.isfinite(grad)).any().float())
+    def _of(self, uid: str) -> dict:
+        return self.units.setdefault(uid, {"scale": self.initial, "clean_steps": 0})
+
+    def scale(self, uid: str) -> float:
+        return self._of(uid)["scale"]
+
+    def verdict(self, uids: list[str], overflow: torch.Tensor) -> list[bool]:
+        """Which units step (overflow[i]: 1.0 where unit i's gradient overflowed on this rank); halves the scale of
+        each that overflowed, doubles it after `interval` clean steps."""
         group = self.parallel.tp_group
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=group)
-        if overflow.item():  # one read-back per step, only in fp16
-            self.scale /= 2
-            self.clean_steps = 0
-            self.skipped += 1
-            return False
-        for grad in grads:
-            grad.div_(self.scale)
-        for optimizer in optimizers:
-            optimizer.step()
-        self.clean_steps += 1
-        if self.clean_steps >= self.interval:
-            self.scale *= 2
-            self.clean_steps = 0
-        return True
+        ok = []
+        for uid, flag in zip(uids, overflow.tolist()):  # one read-back per step, only in fp16
+            state = self._of(uid)
+            if flag:
+                state["scale"] /= 2
+                state["clean_steps"] = 0
+                self.skipped += 1
+            else:
+                state["clean_steps"] += 1
+                if state["clean_steps"] >= self.interval:
+                    state["scale"] *= 2
+                    state["clean_steps"] = 0
+            ok.append(not flag)
+        return ok
 
-    def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+    def state_dict(self, uid: str) -> dict:
+        return dict(self._of(uid))
 
+    def load_state_dict(self, uid: str, state: dict) -> None:
+        self.units[uid] = {"scale": float(state["scale"]), "clean_steps": int(state["clean_steps"])}

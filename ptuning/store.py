@@ -39,7 +39,9 @@ from ptuning.results import atomic_write, atomic_write_text, load_tensors, save_
 
 FINAL = ("done", "manual_only", "evaluated")
 
-# Keys that do not change a relation's figures; a resumed folder may differ in them.
+# Keys that do not change a unit's figures beyond float rounding (a unit computes the same alone or packed: its
+# encoder's stack, Adam and dropout generator are its own); a resumed folder may differ in them. Under
+# protocol.lm_dropout the LM's masks come from the process's generator, so there the packs are kept.
 NEUTRAL = {"model": {"device"}, "data": {"data_dir", "relations"},
            "train": {"pack_units", "bucket_rows", "row_tokens", "eval_batch_size", "manual_baseline"}}
 IDENTITY_SECTIONS = ("model", "data", "prompt", "train", "protocol", "deepspeed")
@@ -51,7 +53,10 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     for section in IDENTITY_SECTIONS:
         values = full[section]
         if isinstance(values, dict):
-            values = {k: v for k, v in values.items() if k not in NEUTRAL.get(section, ())}
+            neutral = set(NEUTRAL.get(section, ()))
+            if section == "train" and cfg.protocol.lm_dropout:  # the LM's dropout masks follow the packs
+                neutral.discard("pack_units")
+            values = {k: v for k, v in values.items() if k not in neutral}
         out[section] = values
     return out
 
@@ -206,12 +211,12 @@ class RunStore:
     def encoder_path(self, unit: str) -> Path:
         return self.unit_dir(unit) / "prompt_encoder.safetensors"
 
-    def save_prompt(self, unit: str, encoder: torch.nn.Module, meta: dict[str, str]) -> None:
-        save_tensors(self.encoder_path(unit), encoder.state_dict(), meta)
-        with torch.no_grad():
-            # The final prompt vectors on their own: pseudo token i of the template, in order; no encoder needed.
-            save_tensors(self.unit_dir(unit) / "prompt_vectors.safetensors",
-                         {"prompt_vectors": encoder()}, meta)
+    def save_prompt(self, unit: str, encoder: dict[str, torch.Tensor], vectors: torch.Tensor,
+                    meta: dict[str, str]) -> None:
+        """The best encoder (PromptEncoder's state dict) and, on their own, its prompt vectors (pseudo token i of
+        the template, in order; computed in eval mode; no encoder needed to use them)."""
+        save_tensors(self.encoder_path(unit), encoder, meta)
+        save_tensors(self.unit_dir(unit) / "prompt_vectors.safetensors", {"prompt_vectors": vectors}, meta)
 
     def load_encoder_state(self, unit: str) -> dict[str, torch.Tensor]:
         path = self.encoder_path(unit)

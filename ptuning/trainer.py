@@ -1,11 +1,13 @@
 """One trainer for a set of units trained together (a unit: a relation under one sweep variant, ptuning/units.py).
 
-Each step takes one micro-batch from every active unit, runs each unit's prompt encoder ONCE, fills its rows'
-pseudo slots with its vectors, and sends one packed batch through the frozen LM. The loss is the sum of the
-per-unit means, so each encoder gets exactly the gradient it would get alone; each unit has its own settings (its
-variant's), optimizer, scheduler, epoch count, dev evaluation, best state and early stopping, and leaves the batch
-when it stops. A single relation is the special case. In the LM fine-tuning modes each unit fine-tunes its own
-copy of the LM, so units train one at a time from the same starting weights.
+Each step takes one micro-batch from every active unit, computes every unit's prompt vectors in one batched
+forward of the prompt bank (ptuning/prompt_bank.py: the encoders stacked by shape), fills the rows' pseudo slots
+with them, and sends one packed batch through the frozen LM. The loss is the sum of the per-unit means, so each
+encoder gets exactly the gradient it would get alone; one backward and one bank step (Adam per unit) follow. Each
+unit has its own settings (its variant's), learning rate schedule, epoch count, dev evaluation, best state and
+early stopping, and leaves the batch and its stack when it stops. A single relation is the special case. In the
+LM fine-tuning modes each unit fine-tunes its own copy of the LM, so units train one at a time from the same
+starting weights, under LMTuning's optimizer.
 """
 from __future__ import annotations
 
@@ -15,19 +17,21 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.profiler import record_function
 
 from ptuning import capacity
 from ptuning.backbone import HFBackbone, backbone_dtype
 from ptuning.batching import Batch, collate, length_buckets
 from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.data import SPLITS
+from ptuning.encoder_stack import Layout
 from ptuning.encoders import PromptEncoder
 from ptuning.finetune import LMTuning
 from ptuning.metrics import cross_entropy, restricted_ranks, summarize_ranks
 from ptuning.parallel import ParallelContext
 from ptuning.precision import LossScaler
 from ptuning.preemption import StopSignal
-from ptuning.prompt_bank import PromptBank
+from ptuning.prompt_bank import EncoderStack, PromptBank, Settings
 from ptuning.tasks import RelationTask
 from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_counts
 from ptuning.units import Unit, Variant
@@ -38,14 +42,20 @@ def relation_seed(seed: int, relation: str) -> int:
     return zlib.crc32(f"{seed}:{relation}".encode()) & 0x7FFFFFFF
 
 
-class UnitRun:
-    """The training state of one unit. Every rank of a tensor-parallel group keeps its schedule (order, epochs,
-    early stopping); only the rank that holds its encoder keeps the encoder, optimizer and best state."""
+def dropout_seed(seed: int, relation: str) -> int:
+    """The seed of a unit's dropout generator (prompt.lstm_dropout): its own stream, apart from its shuffling."""
+    return relation_seed(seed, f"{relation}/dropout")
 
-    def __init__(self, unit: Unit, template, encoder: PromptEncoder | None, seed: int, holds: bool = True,
-                 writes: bool = True, drop_last: int = 0):
+
+class UnitRun:
+    """One unit's schedule: its rows, order, cursor, epochs, dev history and early stopping. Every rank of a
+    tensor-parallel group keeps it (each must feed the same batches); the encoder itself lives in the prompt bank
+    on the rank that holds it. In the LM fine-tuning modes the unit also has LMTuning's optimizer (and engine)."""
+
+    def __init__(self, unit: Unit, template, seed: int, holds: bool = True, writes: bool = True,
+                 drop_last: int = 0):
         self.unit, self.task, self.cfg = unit, unit.task, unit.variant.cfg  # cfg: the unit's own settings
-        self.template, self.encoder = template, encoder
+        self.template = template
         self.drop_last = drop_last  # the batch size whose incomplete last batch each epoch drops (0: keep it)
         self.holds = holds  # this rank keeps the unit's trainable state (False: another rank of the group does)
         self.writes = writes  # this rank writes the unit's checkpoint, prompts and record
@@ -54,7 +64,7 @@ class UnitRun:
         self.rows = {s: template.rows([e.subject for e in task.splits[s]], [e.label for e in task.splits[s]],
                                       training=s == "train") for s in SPLITS}
         self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer = None  # torch Adam, or DeepSpeed's optimizer in the LM fine-tuning modes
+        self.optimizer = None  # the LM fine-tuning modes: torch Adam, or DeepSpeed's optimizer
         self.engine = None  # the DeepSpeed engine, when the config has a deepspeed section and the LM trains
         self.epoch = 0  # epochs completed
         self.order: list[int] = []
@@ -80,32 +90,24 @@ class UnitRun:
     def epoch_over(self) -> bool:
         return self.cursor >= len(self.order)
 
-    def decay_lr(self) -> None:
-        """ExponentialLR (the unit's train.lr_decay), once per epoch of this unit."""
-        if not self.holds:
-            return
-        for group in self.optimizer.param_groups:
-            group["lr"] *= self.cfg.train.lr_decay
-
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue from this step exactly as if never stopped (written by the holder)."""
+        """The schedule, to continue from this step exactly as if never stopped (the trainer adds the encoder's
+        slice of the bank)."""
         state = {
             "epoch": self.epoch, "order": self.order, "cursor": self.cursor, "best_dev": self.best_dev,
             "best_epoch": self.best_epoch, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
             "dev_history": self.dev_history, "seconds": self.elapsed(), "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
         }
-        if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generator
+        if torch.cuda.is_available():  # the LM's dropout (protocol.lm_dropout) on a GPU draws from CUDA's generator
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        if self.encoder is not None:
-            state["encoder"] = self.encoder.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The schedule on every rank; the encoder, optimizer and best state where this rank holds them."""
+        """The schedule on every rank; the best state where this rank holds the unit."""
         self.epoch, self.order, self.cursor = state["epoch"], state["order"], state.get("cursor", 0)
         self.best_dev, self.best_epoch = state["best_dev"], state["best_epoch"]
         self.bad_epochs, self.dev_history = state["bad_epochs"], state["dev_history"]
@@ -115,17 +117,15 @@ class UnitRun:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
         if self.holds:
-            self.optimizer.load_state_dict(state["optimizer"])
             self.best_state = state["best_state"]
-        if self.encoder is not None:
-            self.encoder.load_state_dict(state["encoder"])
 
 
 @dataclass
 class UnitOutcome:
     unit: Unit
     metrics: dict  # dev_p@1, test_p@1, test_p@10, test_mrr, best_epoch, epochs_run, seconds, dev_history
-    encoder: PromptEncoder | None  # the best encoder, loaded (None where another rank holds it)
+    # the best encoder's weights (PromptEncoder's state dict) and prompt vectors; None where another rank holds it
+    prompt: tuple[dict[str, torch.Tensor], torch.Tensor] | None
     test_ranks: list[int]  # each test fact's restricted rank, in the split's order (the statistics resample them)
     counts: tuple[int, int, int]  # the unit's template
     writes: bool = True  # this rank writes the unit's files
@@ -191,10 +191,11 @@ class Trainer:
             for cfg in configs:
                 self.ptuning_template(task, cfg)
 
-    def new_encoder(self, template: PTuningTemplate, seed: int, cfg: ExperimentConfig,
-                    hold: bool = True) -> PromptEncoder | None:
-        """A unit's encoder where this rank holds it (None elsewhere). Every rank of the group takes part: the
-        manual-word initialisation reads the (possibly tensor-parallel) embedding."""
+    def initial_encoder(self, template: PTuningTemplate, seed: int, cfg: ExperimentConfig,
+                        hold: bool = True) -> dict[str, torch.Tensor] | None:
+        """A unit's starting weights (PromptEncoder's initialisation from the unit's seed, then the manual words
+        where prompt.init says so) where this rank holds it; None elsewhere. Every rank of the group takes part:
+        the manual-word initialisation reads the (possibly tensor-parallel) embedding."""
         init = None
         if cfg.prompt.init == "manual":
             ids = template.manual_init_ids()
@@ -209,21 +210,41 @@ class Trainer:
                                     cfg.prompt.lstm_dropout, self.embedding_std)
         if init is not None:
             encoder.init_from(init)
-        encoder = encoder.to(self.backbone.device)
-        if not self.bank.sharded:
+        if not self.bank.sharded and self.parallel.tp_size > 1:
+            encoder = encoder.to(self.backbone.device)
             self.parallel.sync_module(encoder)  # replicated: tensor-parallel peers start from the same prompts
-        return encoder
+        return encoder.state_dict()
 
-    def vectors(self, runs: list[UnitRun]) -> list[torch.Tensor | None]:
-        """The prompt vectors of each run, on every rank of the group (None for the manual template)."""
+    def layout(self, run_or_cfg: UnitRun | ExperimentConfig, n_pseudo: int | None = None) -> Layout:
+        """The shape of a unit's encoder: its stack in the bank."""
+        cfg = run_or_cfg.cfg if isinstance(run_or_cfg, UnitRun) else run_or_cfg
+        n = run_or_cfg.n_pseudo if isinstance(run_or_cfg, UnitRun) else n_pseudo
+        return Layout.of(cfg.prompt.encoder, n, self.backbone.hidden_size)
+
+    def vectors(self, runs: list[UnitRun], training: bool = False) -> list[torch.Tensor | None]:
+        """The prompt vectors of each run, on every rank of the group (None for the manual template). Encoders are
+        in eval mode (no dropout) unless `training`."""
         if not self.uses_prompts:
             return [None] * len(runs)
-        return self.bank.vectors([r.encoder for r in runs], [r.n_pseudo for r in runs])
+        return self.bank.vectors([r.unit.id for r in runs], [r.n_pseudo for r in runs], training)
+
+    def saved_vectors(self, units: list[Unit], states: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """The prompt vectors of saved encoders, computed on this rank (evaluation: no optimizer, little memory).
+        A state that does not fit the unit's configured encoder raises ValueError naming what differs."""
+        out = []
+        for unit, state in zip(units, states):
+            n_pseudo = self.ptuning_template(unit.task, unit.variant.cfg).n_pseudo
+            stack = EncoderStack(self.layout(unit.variant.cfg, n_pseudo), [state], [Settings(0.0, 0.0, 0.0, 0)],
+                                 self.backbone.device)
+            with torch.no_grad():
+                out.append(stack(training=False)[0])
+        return out
 
     # ---- the packed forward -----------------------------------------------------------------------------------
     def packed_logits(self, items: list[tuple[torch.Tensor | None, list[Row]]],
-                      weights: list[float] | None = None) -> tuple[torch.Tensor, Batch]:
-        """One forward over rows of several relations; items are (prompt vectors or None, rows)."""
+                      weights: list[float] | None = None, separate: bool = False) -> tuple[torch.Tensor, Batch]:
+        """One forward over rows of several units; items are (prompt vectors or None, rows). separate: a batch row
+        holds facts of one item only."""
         offsets, total, table = [], 0, []
         for vectors, _ in items:
             offsets.append(total)
@@ -233,8 +254,9 @@ class Trainer:
         rows = [row for _, rs in items for row in rs]
         owners = [i for i, (_, rs) in enumerate(items) for _ in rs]
         row_tokens = self.cfg.train.row_tokens if self.backbone.packs_rows else 0
-        batch = collate(rows, owners, offsets, self.backbone.pad_id, self.backbone.padding_side, row_tokens,
-                        self.backbone.device, weights)
+        with record_function("ptuning::collate"):  # a label for profiles (benchmarks/step_profile.py)
+            batch = collate(rows, owners, offsets, self.backbone.pad_id, self.backbone.padding_side, row_tokens,
+                            self.backbone.device, weights, separate)
         embeds = self.backbone.embed(batch.ids)
         if table:
             packed = torch.cat(table).to(embeds.dtype)
@@ -272,12 +294,14 @@ class Trainer:
     def evaluate_manual(self, tasks: list[RelationTask], split: str = "test") -> dict[str, dict]:
         return {t.id: m for t, m in zip(tasks, self.evaluate(self.manual_items(tasks, split)))}
 
-    def _ranks_of_runs(self, runs: list[UnitRun], split: str) -> list[torch.Tensor]:
-        with torch.no_grad():
-            vectors = self.vectors(runs)
+    def _ranks_of_runs(self, runs: list[UnitRun], split: str,
+                       vectors: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        if vectors is None:
+            with torch.no_grad():
+                vectors = self.vectors(runs)
         return self.ranks([(v, r.rows[split]) for v, r in zip(vectors, runs)])
 
-    def _evaluate_runs(self, runs: list[UnitRun], split: str) -> list[dict]:
+    def evaluate_runs(self, runs: list[UnitRun], split: str) -> list[dict]:
         return [summarize_ranks(r) for r in self._ranks_of_runs(runs, split)]
 
     # ---- training -----------------------------------------------------------------------------------------------
@@ -327,47 +351,61 @@ class Trainer:
         return True
 
     def _new_run(self, unit: Unit | RelationTask, index: int = 0) -> UnitRun:
-        """A unit's run (a bare relation: the unit of the run's own settings, as without a sweep)."""
+        """A unit's schedule (a bare relation: the unit of the run's own settings, as without a sweep)."""
         if isinstance(unit, RelationTask):
             unit = Unit(unit, Variant("", {}, self.cfg))
         cfg = unit.variant.cfg
-        seed = relation_seed(cfg.train.seed, unit.relation)
         template = (self.ptuning_template(unit.task, cfg) if self.uses_prompts else
                     self.manual_template(unit.task, cfg))
-        hold = self.bank.holds(index)
-        encoder = self.new_encoder(template, seed, cfg, hold) if self.uses_prompts else None
-        run = UnitRun(unit, template, encoder, seed, hold, self.bank.writes(index),
-                      drop_last=self.cfg.train.batch_size if cfg.protocol.drop_last else 0)
-        if not hold:
-            return run  # another rank of the group holds this unit's encoder
+        return UnitRun(unit, template, relation_seed(cfg.train.seed, unit.relation), self.bank.holds(index),
+                       self.bank.writes(index), drop_last=self.cfg.train.batch_size if cfg.protocol.drop_last else 0)
+
+    def prepare(self, units: list[Unit | RelationTask], first: int = 0) -> list[UnitRun]:
+        """Runs for units that train together (unit i at place first + i of its group's list, which decides its
+        encoder's home), ready to step: their encoders in the bank, fresh."""
+        runs = [self._new_run(unit, first + i) for i, unit in enumerate(units)]
+        self._start(runs)
+        return runs
+
+    def _start(self, runs: list[UnitRun]) -> None:
+        """Put the runs' encoders in the bank (where this rank holds them); in the LM fine-tuning modes give the
+        unit its LM optimizer."""
+        if self.uses_prompts:
+            members = []
+            for run in runs:
+                cfg = run.cfg
+                initial = self.initial_encoder(run.template, relation_seed(cfg.train.seed, run.unit.relation), cfg,
+                                               run.holds)
+                if run.holds:
+                    members.append((run.unit.id, self.layout(run), initial,
+                                    Settings(cfg.train.lr, cfg.train.weight_decay, cfg.prompt.lstm_dropout,
+                                             dropout_seed(cfg.train.seed, run.unit.relation))))
+            self.bank.build(members)
         if self.lm is not None:
-            run.optimizer, run.engine = self.lm.begin(encoder, seed, cfg)
-        else:
-            # fused: one kernel per step instead of several ops per tensor (an LSTM encoder's step: 1.5 ms against
-            # 12.6 ms on a 2-core CPU); the same updates up to rounding
-            run.optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                             fused=self.backbone.device.type in ("cpu", "cuda"))
-        return run
+            for run in runs:
+                stack = self.bank.stack_of(run.unit.id) if self.uses_prompts else None
+                run.optimizer, run.engine = self.lm.begin(stack, relation_seed(run.cfg.train.seed,
+                                                                               run.unit.relation), run.cfg)
 
     def _train_group(self, group: list[tuple[int, Unit]], on_result: Callable[[UnitOutcome], None],
                      on_epoch: Callable[[UnitRun], None], restore: Callable[[Unit], dict | None],
                      on_stop: Callable[[list[UnitRun]], None]) -> bool:
-        runs = []
-        for index, unit in group:
-            self.active = [unit.id]
-            run = self._new_run(unit, index)
-            state = restore(unit)
+        self.active = [unit.id for _, unit in group]
+        runs = self.prepare([unit for _, unit in group], group[0][0])
+        for run in runs:
+            self.active = [run.unit.id]
+            state = restore(run.unit)
             if state is not None and run.engine is not None:
-                self.progress(f"{unit.id}: fine-tuned under DeepSpeed, which is not checkpointed mid-training: "
+                self.progress(f"{run.unit.id}: fine-tuned under DeepSpeed, which is not checkpointed mid-training: "
                               "it starts over")
             elif state is not None:
                 self._load_run_state(run, state)
-                self.progress(f"{unit.id}: resuming after epoch {run.epoch}" if run.cursor == 0 else
-                              f"{unit.id}: resuming in epoch {run.epoch + 1} at fact {run.cursor} of {len(run.order)}")
-            runs.append(run)
+                self.progress(f"{run.unit.id}: resuming after epoch {run.epoch}" if run.cursor == 0 else
+                              f"{run.unit.id}: resuming in epoch {run.epoch + 1} at fact {run.cursor} of "
+                              f"{len(run.order)}")
         if self.parallel.tp_size > 1 and self.uses_prompts:
-            held = [r for r in runs if r.encoder is not None]
-            count = sum(p.numel() for r in held for p in r.encoder.parameters())
+            held = [r for r in runs if self.bank.has(r.unit.id)]
+            count = sum(self.layout(r).size for r in held)
             self.progress(f"rank {self.parallel.rank} holds the prompt encoders of "
                           f"{', '.join(r.unit.id for r in held) or 'no unit'} ({count:,} parameters)")
         while True:
@@ -375,7 +413,7 @@ class Trainer:
             if not active:
                 break
             self.active = [r.unit.id for r in active]
-            self._step(active)
+            self.step(active)
             ended = [r for r in active if r.epoch_over]
             if ended:
                 self._end_epochs(ended)
@@ -393,11 +431,21 @@ class Trainer:
         return True
 
     def run_state(self, run: UnitRun) -> dict[str, Any]:
+        """Everything a unit needs to continue exactly (written by the rank that holds it): its schedule, its
+        encoder's slice of the bank with its Adam state and dropout generator, its LM copy when the LM trains, its
+        loss scale."""
         state = run.state_dict()
+        uid = run.unit.id
+        if self.bank.has(uid):
+            state["encoder"] = self.bank.weights(uid)
+            state["dropout_generator"] = self.bank.generator_state(uid)
         if self.lm is not None:  # each unit fine-tunes its own LM copy: it is part of the unit's state
             state["lm"] = self.lm.state()
+            state["optimizer"] = run.optimizer.state_dict()
+        else:
+            state["optimizer"] = self.bank.optimizer_state(uid) if self.bank.has(uid) else {}
         if self.scaler is not None:
-            state["loss_scale"] = self.scaler.state_dict()
+            state["loss_scale"] = self.scaler.state_dict(uid)
         return state
 
     def checkpoints(self, run: UnitRun) -> bool:
@@ -406,48 +454,99 @@ class Trainer:
 
     def _load_run_state(self, run: UnitRun, state: dict[str, Any]) -> None:
         run.load_state_dict(state)
+        uid = run.unit.id
+        if self.bank.has(uid):
+            self.bank.load_weights(uid, state["encoder"])
+            if "dropout_generator" in state:
+                self.bank.load_generator_state(uid, state["dropout_generator"])
+            if self.lm is None:
+                self.bank.load_optimizer_state(uid, state["optimizer"])
         if self.lm is not None:
             self.lm.load(state["lm"])
-        if self.scaler is not None and "loss_scale" in state:  # one scale for the pack: the most cautious
-            self.scaler.scale = min(self.scaler.scale, state["loss_scale"]["scale"])
+            if run.holds:
+                run.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "loss_scale" in state:
+            self.scaler.load_state_dict(uid, state["loss_scale"])
 
-    def _loss(self, runs: list[UnitRun]) -> torch.Tensor:
-        """The next micro-batch of every unit, packed: the sum over units of each one's mean row loss, computed
-        over length-sorted chunks of rows."""
-        vectors = self.vectors(runs)
+    def loss(self, runs: list[UnitRun], scales: dict[str, float] | None = None) -> torch.Tensor:
+        """The next micro-batch of every unit, packed: the sum over units of each one's mean row loss (times its
+        fp16 loss scale)."""
+        vectors = self.vectors(runs, training=True)
         rows = [r.next_batch(self.cfg.train.batch_size) for r in runs]
+        return self.packed_loss(vectors, rows, [scales[r.unit.id] if scales else 1.0 for r in runs])
+
+    def packed_loss(self, vectors: list[torch.Tensor | None], rows: list[list[Row]],
+                    factors: list[float]) -> torch.Tensor:
+        """sum_i factors[i] x the mean loss of item i's rows under its prompt vectors, through the LM in
+        length-sorted chunks of rows."""
         loss = torch.zeros((), device=self.backbone.device)
         for chunk, positions in length_buckets(vectors, rows, self.cfg.train.bucket_rows):
-            logits, batch = self.packed_logits(chunk, [1.0 / len(rows[i]) for i, _ in positions])
+            # under fp16 a unit's overflow stays its own: its facts share rows only with each other
+            logits, batch = self.packed_logits(chunk, [factors[i] / len(rows[i]) for i, _ in positions],
+                                               separate=self.scaler is not None)
             loss = loss + (cross_entropy(logits, batch.labels, self.shard) * batch.weights).sum()
         return loss
 
-    def _step(self, runs: list[UnitRun]) -> None:
+    def step(self, runs: list[UnitRun]) -> None:
+        """One training step of the runs together: their next micro-batches, one backward, their encoders' Adam."""
         if self.protocol.lm_dropout and not self.tune_lm:  # the reference's model.train(): the frozen LM's dropout
             self.backbone.dropout(True)
-        loss = self._loss(runs)
+        uids = [r.unit.id for r in runs]
+        scales = {u: self.scaler.scale(u) for u in uids} if self.scaler is not None else None
+        loss = self.loss(runs, scales)
         if runs[0].engine is not None:  # DeepSpeed: one unit at a time (LM fine-tuning)
             self.lm.step(runs[0].engine, loss)
             return
-        optimizers = [r.optimizer for r in runs if r.optimizer is not None]
+        loss.backward()
+        stepping = uids
         if self.scaler is not None:
-            self.scaler.backward_and_step(loss, optimizers)
-        else:
-            loss.backward()
-            for optimizer in optimizers:
+            verdict = self.scaler.verdict(uids, self._overflow(runs))
+            stepping = [u for u, ok in zip(uids, verdict) if ok]
+        if self.lm is None:
+            self.bank.step(stepping, scales)
+            return
+        optimizer = runs[0].optimizer  # one unit at a time while the LM trains
+        if optimizer is not None:
+            if stepping:
+                if scales is not None:
+                    for grad in self._lm_grads(optimizer):
+                        grad.div_(scales[uids[0]])
                 optimizer.step()
-        for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def _lm_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def _overflow(self, runs: list[UnitRun]) -> torch.Tensor:
+        """1.0 for each unit whose gradient overflowed on this rank."""
+        if self.lm is None:
+            return self.bank.overflow([r.unit.id for r in runs])
+        grads = self._lm_grads(runs[0].optimizer) if runs[0].optimizer is not None else []
+        flag = torch.zeros((), device=self.backbone.device)
+        for grad in grads:
+            flag = torch.maximum(flag, (~torch.isfinite(grad)).any().float())
+        return flag.reshape(1)
+
+    def _decay_lr(self, run: UnitRun) -> None:
+        """ExponentialLR (the unit's train.lr_decay), once per epoch of this unit."""
+        gamma = run.cfg.train.lr_decay
+        if self.lm is not None:
+            if run.optimizer is not None:
+                for group in run.optimizer.param_groups:
+                    group["lr"] *= gamma
+        elif self.bank.has(run.unit.id):
+            self.bank.decay_lr(run.unit.id, gamma)
 
     def _end_epochs(self, runs: list[UnitRun]) -> None:
         """Scheduler step, dev P@1, best state and early stopping for the units whose epoch just ended, each by its
         own settings."""
-        dev = self._evaluate_runs(runs, "dev")
+        dev = self.evaluate_runs(runs, "dev")
         for run, metrics in zip(runs, dev):
             train, protocol = run.cfg.train, run.cfg.protocol
             # the reference trains a last epoch it never evaluates: it cannot be selected, so it is not run
             last = train.max_epochs - (1 if protocol.last_epoch_unevaluated else 0)
-            run.decay_lr()
+            self._decay_lr(run)
             run.epoch += 1
             score = metrics["p@1"]
             run.dev_history.append(score)
@@ -468,32 +567,38 @@ class Trainer:
         if not run.holds:
             return None
         state = {}
-        if run.encoder is not None:
-            state["encoder"] = {k: v.detach().to("cpu", copy=True) for k, v in run.encoder.state_dict().items()}
+        if self.bank.has(run.unit.id):
+            state["encoder"] = self.bank.weights(run.unit.id)
         if self.lm is not None:
             state["lm"] = self.lm.snapshot()
         return state
 
     def _finish(self, runs: list[UnitRun]) -> list[UnitOutcome]:
-        """Load each unit's best state and evaluate test at the best dev epoch."""
+        """Load each unit's best state, evaluate test at the best dev epoch, and take the units out of the bank."""
         for run in runs:
-            if run.encoder is not None:
-                run.encoder.load_state_dict(run.best_state["encoder"])
+            if self.bank.has(run.unit.id):
+                self.bank.load_weights(run.unit.id, run.best_state["encoder"])
             if self.lm is not None:
                 self.lm.load(run.best_state["lm"])
             run.best_state = None
             run.optimizer = None  # its state is no longer needed: free it before the next units start
-        ranks = self._ranks_of_runs(runs, "test")
+        with torch.no_grad():
+            vectors = self.vectors(runs)
+        ranks = self._ranks_of_runs(runs, "test", vectors)
         outcomes = []
-        for run, found in zip(runs, ranks):
+        for run, found, vector in zip(runs, ranks, vectors):
             metrics = summarize_ranks(found)
+            uid = run.unit.id
+            prompt = (self.bank.weights(uid), vector.detach().cpu()) if self.bank.has(uid) else None
             outcomes.append(UnitOutcome(run.unit, {
                 "dev_p@1": run.best_dev,
                 "test_p@1": metrics["p@1"], "test_p@10": metrics["p@10"], "test_mrr": metrics["mrr"],
                 "best_epoch": run.best_epoch, "epochs_run": run.epoch,
                 "seconds": round(run.elapsed(), 1),
                 "dev_history": run.dev_history,
-            }, run.encoder, found.tolist(), self.counts(run.cfg), run.writes))
+            }, prompt, found.tolist(), self.counts(run.cfg), run.writes))
+            if self.bank.has(uid):
+                self.bank.drop(uid)
         if self.lm is not None:
             for run in runs:
                 self.lm.end(run.engine)

@@ -32,8 +32,8 @@ def trainer_for(*extra):
 
 def after_one_step(*extra):
     trainer, tasks = trainer_for(*extra)
-    run = trainer._new_run(tasks[0])
-    trainer._step([run])
+    run, = trainer.prepare(tasks[:1])
+    trainer.step([run])
     return {k: v.detach().float().clone() for k, v in trainer.backbone.model.state_dict().items()}
 
 

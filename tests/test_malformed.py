@@ -55,7 +55,7 @@ def trained(tiny_gpt2, lama, tmp_path_factory) -> Path:
     vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
     task = prepare_task(read_relation_infos(layout)["P37"], read_relation(layout, "P37"), vocab, cfg.data)
     trainer = Trainer(backbone, cfg, vocab.allowed)
-    RunStore(out).save_checkpoint("P37", trainer.run_state(trainer._new_run(task)))
+    RunStore(out).save_checkpoint("P37", trainer.run_state(trainer.prepare([task])[0]))
     return out
 
 

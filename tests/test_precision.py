@@ -1,25 +1,50 @@
-"""fp16 loss scaling: an overflowing step is skipped and the scale halved; clean steps use unscaled gradients."""
+"""fp16 loss scaling, per unit: an overflowing unit skips its step and halves its scale, and no other unit's; clean
+steps use unscaled gradients."""
 import json
 
 import torch
 
 from ptuning.config import load_config
+from ptuning.encoder_stack import Layout
 from ptuning.experiment import run_experiment
 from ptuning.parallel import ParallelContext
 from ptuning.precision import LossScaler
+from ptuning.prompt_bank import PromptBank, Settings
+from tests.test_prompt_bank import HIDDEN, N_PSEUDO, assert_close_relative, encoders
 
 
-def test_overflow_skips_the_step_and_clean_steps_see_the_true_gradient():
-    weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.SGD([weight], lr=1.0)
-    scaler = LossScaler(ParallelContext(), scale=8.0, interval=2)
-    assert not scaler.backward_and_step((weight * torch.tensor([1.0, float("inf"), 1.0])).sum(), [optimizer])
-    assert torch.equal(weight.detach(), torch.ones(3)) and scaler.scale == 4.0 and scaler.skipped == 1
-    for expected in (-1.0, -3.0):  # gradient 2 per step, unscaled
-        optimizer.zero_grad(set_to_none=True)
-        assert scaler.backward_and_step((2 * weight).sum(), [optimizer])
-        assert torch.allclose(weight.detach(), torch.full((3,), expected))
-    assert scaler.scale == 8.0  # doubled after `interval` clean steps
+def test_one_units_fp16_overflow_skips_only_its_step_and_scale():
+    bank = PromptBank(ParallelContext(), shard=False, hidden=HIDDEN, device=torch.device("cpu"))
+    encs = encoders("lstm", 2)
+    layout = Layout.of("lstm", N_PSEUDO, HIDDEN)
+    bank.build([(uid, layout, e.state_dict(), Settings(1e-2, 0.0, 0.0, 0)) for uid, e in zip("AB", encs)])
+    scaler = LossScaler(ParallelContext(), scale=8.0, interval=1000)
+    scales = {u: scaler.scale(u) for u in "AB"}
+    before = {u: bank.weights(u) for u in "AB"}
+    a, b = bank.vectors(["A", "B"], [N_PSEUDO, N_PSEUDO], training=True)
+    (a.sum() * float("inf") + b.sum() * scales["B"]).backward()  # unit A overflowed, unit B did not
+    ok = scaler.verdict(["A", "B"], bank.overflow(["A", "B"]))
+    assert ok == [False, True]
+    bank.step([u for u, good in zip("AB", ok) if good], scales)
+    after = {u: bank.weights(u) for u in "AB"}
+    assert all(torch.equal(before["A"][n], after["A"][n]) for n in before["A"])
+    assert not torch.equal(before["B"]["mlp.2.bias"], after["B"]["mlp.2.bias"])
+    assert scaler.scale("A") == 4.0 and scaler.scale("B") == 8.0 and scaler.skipped == 1
+    assert bank.optimizer_state("A")["step"] == 0 and bank.optimizer_state("B")["step"] == 1
+
+
+def test_fp16_unscaling_gives_the_unscaled_step():
+    """B's step from a loss scaled by 8 equals its step from the plain loss (the kernel divides by the scale)."""
+    results = []
+    for scale in (1.0, 8.0):
+        bank = PromptBank(ParallelContext(), shard=False, hidden=HIDDEN, device=torch.device("cpu"))
+        bank.build([("B", Layout.of("mlp", N_PSEUDO, HIDDEN), encoders("mlp", 1)[0].state_dict(),
+                     Settings(1e-2, 5e-4, 0.0, 0))])
+        (bank.vectors(["B"], [N_PSEUDO], training=True)[0].square().sum() * scale).backward()
+        bank.step(["B"], {"B": scale})
+        results.append(bank.weights("B"))
+    for name in results[0]:
+        assert_close_relative(results[1][name], results[0][name], 1e-6)
 
 
 def test_a_float16_model_trains_its_prompts_with_loss_scaling(tiny_gpt2, lama, tmp_path, capsys):

@@ -37,6 +37,20 @@ def test_reference_sets_every_quirk_and_each_can_be_set_alone(tmp_path):
         load_config(None, ["protocol=reference", "model.dtype=bfloat16"])
 
 
+def test_the_lms_dropout_ties_a_unit_to_its_pack_and_says_so():
+    """The frozen LM's dropout (lm_dropout) draws from the process's generator, unlike the encoders' own: the
+    deterministic mode refuses it, and a folder made under it resumes only with the same packs."""
+    from ptuning.store import identity
+
+    with pytest.raises(ConfigError, match="protocol.lm_dropout draws the frozen LM's dropout masks"):
+        load_config(None, ["protocol.lm_dropout=true", "parallel.deterministic=true", "train.pack_units=1",
+                           "parallel.threads=1"])
+    assert "pack_units" not in identity(load_config(None))["train"]
+    assert identity(load_config(None, ["protocol.lm_dropout=true"]))["train"]["pack_units"] == 0
+    # the encoders' dropout is each unit's own: no longer refused beside the LM's under tensor parallelism
+    load_config(None, ["protocol.lm_dropout=true", "prompt.lstm_dropout=0.1", "parallel.tensor_parallel=2"])
+
+
 def _trainer_and_tasks(model, lama, *overrides, relations=("P36",)):
     cfg = load_config(None, [f"model.name={model}", "data.max_train=20", "data.max_dev=8", "data.max_test=8",
                              "train.lr=0.01", *overrides])
@@ -52,7 +66,7 @@ def _hf_loss_with_labels_at_the_last_position(trainer, run, picked):
     """The reference's causal loss: one row per fact, the label at the last position, and the Hugging Face model
     shifting it (so its logits at L-2 are scored)."""
     facts = [run.task.splits["train"][i] for i in picked]
-    vectors = run.encoder()
+    vectors = trainer.vectors([run])[0]
     losses = []
     for row in run.template.rows([f.subject for f in facts], [f.label for f in facts]):
         ids = torch.tensor([row.ids])
@@ -68,9 +82,9 @@ def _hf_loss_with_labels_at_the_last_position(trainer, run, picked):
 @pytest.mark.parametrize("protocol", ["paper", "reference"])
 def test_causal_loss_is_read_at_L_minus_2_under_reference_and_L_minus_1_under_paper(protocol, tiny_gpt2, lama):
     trainer, tasks = _trainer_and_tasks(tiny_gpt2, lama, f"protocol.causal_loss_shift={protocol == 'reference'}")
-    run = trainer._new_run(tasks[0])
+    run, = trainer.prepare(tasks[:1])
     picked = run.order[:8]
-    ours = trainer._loss([run])
+    ours = trainer.loss([run])
     reference = _hf_loss_with_labels_at_the_last_position(trainer, run, picked)
     if protocol == "reference":
         assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -116,20 +130,20 @@ def test_manual_prompts_under_bpe_spaces_score_a_lone_space_token(tiny_gpt2, tin
 def test_the_frozen_lm_drops_out_while_prompts_train_only_under_reference(protocol, tiny_gpt2, lama):
     trainer, tasks = _trainer_and_tasks(tiny_gpt2, lama, f"protocol.lm_dropout={protocol == 'reference'}")
     assert trainer.backbone.model.config.resid_pdrop > 0
-    run = trainer._new_run(tasks[0])
+    run, = trainer.prepare(tasks[:1])
     losses = []
     for _ in range(2):
         run.cursor = 0
         with torch.no_grad():
             if protocol == "reference":
                 trainer.backbone.dropout(True)
-            losses.append(trainer._loss([run]).item())
+            losses.append(trainer.loss([run]).item())
     if protocol == "reference":
         assert losses[0] != losses[1]  # two dropout masks
     else:
         assert losses[0] == losses[1]
     # evaluation never drops out, under either protocol
-    first, second = (trainer._evaluate_runs([run], "dev")[0]["mrr"] for _ in range(2))
+    first, second = (trainer.evaluate_runs([run], "dev")[0]["mrr"] for _ in range(2))
     assert first == second
 
 
@@ -152,9 +166,9 @@ def test_latest_tie_and_the_unevaluated_last_epoch(tiny_gpt2, lama, tmp_path):
 
 def test_drop_last_drops_the_incomplete_batch(tiny_gpt2, lama):
     trainer, tasks = _trainer_and_tasks(tiny_gpt2, lama, "protocol.drop_last=true")
-    assert len(trainer._new_run(tasks[0]).order) == 16  # 20 facts, batches of 8
+    assert len(trainer.prepare(tasks[:1])[0].order) == 16  # 20 facts, batches of 8
     trainer, tasks = _trainer_and_tasks(tiny_gpt2, lama)
-    assert len(trainer._new_run(tasks[0]).order) == 20
+    assert len(trainer.prepare(tasks[:1])[0].order) == 20
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
