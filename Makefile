@@ -2,10 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-LAMA_DATA ?= ../shared/lama
+# The full LAMA where this workspace keeps it; elsewhere the runner looks in data/lama (`make data`) and, for the
+# quick start, falls back to the subset shipped in data/quickstart.
+LAMA_DATA ?= $(wildcard ../shared/lama)
 export LAMA_DATA
 
-.PHONY: install demo test test-fast gpu-check clean
+.PHONY: install demo data test test-fast gpu-check clean
 
 $(VENV)/.installed: setup.py constraints.txt requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) launcher/run.py --config configs/quickstart.json $(DEMO_ARGS)
+
+# The full LAMA (P-tuning's archive, Zenodo record 5578210) into data/lama, checked; resumes if cut.
+data: $(VENV)/.installed
+	$(PY) -m ptuning.data fetch
 
 PYTEST := $(PY) -m pytest tests --durations=15
 

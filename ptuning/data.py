@@ -11,6 +11,7 @@ Every problem is a DataError naming the file (and line, and field) it came from.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,14 @@ from ptuning.files import DataError, read_json, read_jsonl
 SPLITS = ("train", "dev", "test")
 VOCAB_FILES = {"shared": "29k-vocab.json", "lama": "34k-vocab.json"}
 VOCAB_NAMES = {"shared": "LAMA-29k", "lama": "LAMA-34k", "original": "full model vocabulary"}
+REPO = Path(__file__).resolve().parents[1]
+FETCHED = REPO / "data" / "lama"  # where `python -m ptuning.data fetch` (make data) puts the full set
+QUICKSTART = REPO / "data" / "quickstart"  # the facts configs/quickstart.json reads, shipped with the code
 DOWNLOAD_HINT = (
-    "Get the P-tuning LAMA archive (Zenodo record 5578210, P-tune_LAMA.tar.gz), unpack it, and point "
-    "--data-dir (or $LAMA_DATA, or data.data_dir) at the folder holding fact-retrieval/ (see data/README.md)."
+    "Fetch the full LAMA with `python -m ptuning.data fetch` (make data; into data/lama, found there by default), "
+    "or point --data-dir (or $LAMA_DATA, or data.data_dir) at a folder holding fact-retrieval/ (data/README.md)."
 )
+SUBSET_FILE = "SUBSET.json"  # marks a shipped subset: which relations, and how many facts of each split it holds
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class RelationInfo:
 class LamaLayout:
     root: Path
     facts_dir: Path
+    subset: dict | None = None  # a shipped subset's SUBSET.json: {"relations": [...], "facts": {split: n}}
 
     def split_path(self, relation: str, split: str) -> Path:
         return self.facts_dir / relation / f"{split}.jsonl"
@@ -58,11 +64,12 @@ class LamaLayout:
 
 
 def resolve_data_dir(cli_value: str | None, config_value: str | None) -> Path:
-    """--data-dir, then the config's data.data_dir, then $LAMA_DATA, then ./data."""
+    """--data-dir, then the config's data.data_dir, then $LAMA_DATA, then data/lama (a fetched set), then the
+    quick start's shipped subset (data/quickstart)."""
     for value in (cli_value, config_value, os.environ.get("LAMA_DATA")):
         if value:
             return Path(value).expanduser()
-    return Path("data")
+    return FETCHED if (FETCHED / "fact-retrieval").is_dir() else QUICKSTART
 
 
 def find_layout(data_dir: str | Path) -> LamaLayout:
@@ -72,7 +79,46 @@ def find_layout(data_dir: str | Path) -> LamaLayout:
     facts_dir = root / "fact-retrieval" / "original"
     if not facts_dir.is_dir():
         raise DataError(f"{root}: no fact-retrieval/original/ folder inside. {DOWNLOAD_HINT}")
-    return LamaLayout(root=root, facts_dir=facts_dir)
+    subset = read_json(root / SUBSET_FILE) if (root / SUBSET_FILE).is_file() else None
+    if subset is not None and not (isinstance(subset, dict) and isinstance(subset.get("relations"), list)
+                                   and isinstance(subset.get("facts"), dict)):
+        raise DataError(f"{root / SUBSET_FILE}: expected 'relations' (a list) and 'facts' (facts per split)")
+    return LamaLayout(root=root, facts_dir=facts_dir, subset=subset)
+
+
+def describe(layout: LamaLayout) -> str:
+    """Where the facts come from, for the log: the folder, and what a shipped subset holds."""
+    if layout.subset is None:
+        return str(layout.root)
+    n = layout.subset["facts"]
+    return (f"{layout.root}: the quick start's shipped subset of LAMA ({len(layout.subset['relations'])} relations, "
+            f"up to the first {n['train']} train, {n['dev']} dev and {n['test']} test facts of each; `make data` "
+            "fetches the full set)")
+
+
+def check_subset(layout: LamaLayout, caps: dict[str, int | None]) -> None:
+    """A shipped subset holds only its relations and the first facts of each split: a run that wants more needs
+    the full set (before the model loads; select_relations has refused relations the subset lacks)."""
+    if layout.subset is None:
+        return
+    held = layout.subset["facts"]
+    for split, cap in caps.items():
+        if cap is None or cap > held[split]:
+            raise DataError(f"{layout.root} holds the first {held[split]} {split} facts of each relation (a "
+                            f"shipped subset); data.max_{split} {cap if cap is not None else 'unset'} needs the full "
+                            f"LAMA. {DOWNLOAD_HINT}")
+
+
+def check_subset_task(layout: LamaLayout, relation: str, kept: dict[str, int], caps: dict[str, int | None]) -> None:
+    """After the answer vocabulary's filter: the subset was cut for the quick start's model; another tokenizer may
+    keep fewer of its facts than the caps ask for."""
+    if layout.subset is None:
+        return
+    for split, cap in caps.items():
+        if kept[split] < cap and f"{relation}/{split}" not in layout.subset.get("whole_files", []):
+            raise DataError(f"{layout.root}: {relation} keeps {kept[split]} {split} facts under this model's "
+                            f"vocabulary, fewer than data.max_{split} {cap} (the shipped subset was cut for the "
+                            f"quick start's model). {DOWNLOAD_HINT}")
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -125,8 +171,9 @@ def select_relations(layout: LamaLayout, wanted: list[str] | None) -> list[str]:
         return available
     unknown = [r for r in wanted if r not in available]
     if unknown:
+        what = " (a shipped subset). " + DOWNLOAD_HINT if layout.subset is not None else ""
         raise DataError(
-            f"unknown relation id(s) {', '.join(unknown)}: {layout.facts_dir} has {', '.join(available)}"
+            f"unknown relation id(s) {', '.join(unknown)}: {layout.facts_dir} has {', '.join(available)}{what}"
         )
     return list(dict.fromkeys(wanted))
 
@@ -143,3 +190,42 @@ def read_vocab_words(layout: LamaLayout, strategy: str, key: str) -> list[str]:
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise DataError(f"{path}: field '{key}' must be a list of words (strings)")
     return [word[1:] if word.startswith("Ġ") else word for word in words]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m ptuning.data fetch [--dest DIR]: the full LAMA (ptuning/fetch.py)."""
+    import argparse
+
+    from ptuning import fetch
+
+    parser = argparse.ArgumentParser(prog="python -m ptuning.data", description="LAMA data for ptuning-lama")
+    commands = parser.add_subparsers(dest="command", required=True)
+    get = commands.add_parser("fetch", help="download, unpack and check the P-tuning LAMA archive")
+    get.add_argument("--dest", default=str(FETCHED), help="where the data set goes (default: data/lama, where the "
+                                                          "runner looks by default)")
+    get.add_argument("--url", default=fetch.ARCHIVE_URL)
+    get.add_argument("--checksums", default=str(fetch.CHECKSUMS), help="each split file's git blob id and the "
+                                                                        "vocabulary files' SHA-256 (JSON)")
+    get.add_argument("--skip-checksums", action="store_true", help="check the record counts and the files' presence "
+                                                                  "but no checksum")
+    cut = commands.add_parser("subset", help="cut the facts a config reads out of a full LAMA folder (how "
+                                             "data/quickstart was made)")
+    cut.add_argument("--config", required=True)
+    cut.add_argument("--source", required=True, help="a full LAMA folder")
+    cut.add_argument("--dest", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            dest = fetch.fetch(Path(args.dest), args.url, None if args.skip_checksums else Path(args.checksums))
+            print(f"LAMA ready in {dest} (41 relations, 34,039 test facts): the runner finds it there by default, "
+                  f"or give --data-dir {dest}")
+        else:
+            fetch.write_subset(Path(args.config), Path(args.source), Path(args.dest))
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

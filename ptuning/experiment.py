@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ptuning.config import ConfigError, ExperimentConfig
 from ptuning.coordinator import Coordinator
-from ptuning.data import DataError, LamaLayout, find_layout, read_relation_infos, read_vocab_words, select_relations
+from ptuning.data import (DataError, LamaLayout, check_subset, check_subset_task, describe, find_layout,
+                          read_relation_infos, read_vocab_words, select_relations)
 from ptuning.files import one_line
 from ptuning.models import ModelError, load_backbone, resolve_device, resolve_dtype
 from ptuning.parallel import ParallelContext, assign_packs, set_compute
@@ -52,6 +52,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     layout = find_layout(data_dir)
     infos = read_relation_infos(layout)
     relation_ids = select_relations(layout, cfg.data.relations)
+    caps = {"train": cfg.data.max_train, "dev": cfg.data.max_dev, "test": cfg.data.max_test}
+    check_subset(layout, caps)
     missing = [r for r in relation_ids if r not in infos]
     if missing:
         raise DataError(f"{layout.root}: relations.jsonl has no template for {', '.join(missing)}")
@@ -74,6 +76,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     vocab, vocab_key = answer_vocab(cfg, backbone, layout)
     mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
+    for task in tasks:
+        check_subset_task(layout, task.id, {s: len(task.splits[s]) for s in task.splits}, caps)
     ready = [t for t in tasks if t.skip_reason is None]
     by_id = {u.id: u for u in units(ready, sweep)}
     shares = assign_packs({i: len(u.task.splits["train"]) for i, u in by_id.items()}, cfg.train.pack_units,
@@ -106,6 +110,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         coordinator.start()
 
     ctx.barrier()  # the folder is cleared (or kept) before any rank writes to it
+    progress.line(f"data: {describe(layout)}")
     progress.line(f"model: {cfg.model.name}, {backbone.kind} LM, weights in {cfg.model.dtype} ({why})")
     worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header,
                      {r for r, g in manual_group.items() if g == ctx.group_index})

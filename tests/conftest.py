@@ -25,16 +25,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def lama_dir() -> Path:
-    path = Path(os.environ.get("LAMA_DATA") or REPO.parent / "shared" / "lama")
-    if not (path / "fact-retrieval" / "original").is_dir():
-        raise RuntimeError(f"LAMA data not found at {path}: set LAMA_DATA to the folder holding fact-retrieval/")
-    return path
+def lama_dir() -> Path | None:
+    """The full LAMA: $LAMA_DATA, else ../shared/lama (CI's), else data/lama (`make data`); None without one."""
+    for path in (os.environ.get("LAMA_DATA"), REPO.parent / "shared" / "lama", REPO / "data" / "lama"):
+        if path and (Path(path) / "fact-retrieval" / "original").is_dir():
+            return Path(path)
+    return None
 
 
 @pytest.fixture(scope="session")
 def lama() -> Path:
-    return lama_dir()
+    path = lama_dir()
+    if path is None:
+        pytest.skip("needs the full LAMA (41 relations): set LAMA_DATA, or fetch it with `make data`; the quick "
+                    "start's shipped subset (data/quickstart) is not enough for this test")
+    return path
 
 
 def _save(model, tokenizer, path: Path) -> Path:

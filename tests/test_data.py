@@ -22,7 +22,7 @@ def test_vocab_files_at_the_root_are_accepted(lama_copy):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(DataError, match="LAMA data folder not found.*Zenodo record 5578210"):
+    with pytest.raises(DataError, match="LAMA data folder not found. Fetch the full LAMA with `python -m ptuning.data fetch`"):
         find_layout(tmp_path / "nowhere")
     with pytest.raises(DataError, match="no fact-retrieval/original/"):
         find_layout(tmp_path)
