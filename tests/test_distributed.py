@@ -15,7 +15,8 @@ import pytest
 from ptuning.config import ConfigError, load_config
 from ptuning.parallel import assign_packs, balance
 from ptuning.store import RunStore
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
+from tests.ranks import spawn
 from tests.wandb_records import read_run
 
 BIN = Path(sys.executable).parent
@@ -44,7 +45,7 @@ def figures(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def single(tiny_gpt2, lama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single")
-    launch([sys.executable], sweep_args(tiny_gpt2, lama, out))
+    spawn(0, *sweep_args(tiny_gpt2, lama, out))  # one plain process
     return out
 
 
@@ -66,7 +67,7 @@ def test_packs_of_n_are_the_same_under_any_world_size_and_groups_take_whole_pack
 
 
 def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path):
-    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29611"],
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
            sweep_args(tiny_gpt2, lama, tmp_path))
     assert figures(tmp_path) == figures(single)
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
@@ -75,11 +76,11 @@ def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path)
 
 
 def test_deepspeed_launcher_runs_the_same_config(single, tiny_gpt2, lama, tmp_path):
-    launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29612"],
+    launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
            sweep_args(tiny_gpt2, lama, tmp_path / "prompts"))
     assert figures(tmp_path / "prompts") == figures(single)
     # LM fine-tuning with a deepspeed section: the trainable parameters go through deepspeed.initialize
-    proc = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29613"],
+    proc = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
                   sweep_args(tiny_gpt2, lama, tmp_path / "finetune", "--set", "train.mode=ptuning_finetune",
                              "--set", 'deepspeed.zero_optimization={"stage": 1}', "--set", "train.max_epochs=1"))
     assert proc.stderr.count("DeepSpeed engine: ZeRO stage 1") + proc.stdout.count("DeepSpeed engine: ZeRO stage 1") >= 4
@@ -124,7 +125,7 @@ def checkpoint_epoch(store: RunStore, relation: str) -> int | None:
 def whole(tiny_gpt2, lama, tmp_path_factory) -> Path:
     """The interrupted runs' reference: the same settings, never stopped."""
     out = tmp_path_factory.mktemp("whole")
-    launch([sys.executable], interrupted_args(tiny_gpt2, lama, out))
+    spawn(0, *interrupted_args(tiny_gpt2, lama, out))
     return out
 
 
@@ -152,7 +153,7 @@ def test_kill_9_between_interval_checkpoints_then_restart_equals_an_uninterrupte
     saved, ran = checkpoint_epoch(store, "P36"), len(store.progress("P36")["dev_history"])
     assert saved is not None and saved < ran, (saved, ran)
 
-    restarted = launch([sys.executable], args)
+    restarted = spawn(0, *args)
     assert "already final, skipped: P1376" in restarted.stderr
     assert f"P36: resuming after epoch {saved}" in restarted.stderr
     assert figures(tmp_path) == figures(whole)
@@ -166,25 +167,21 @@ def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama_c
     lines = train.read_text().splitlines()
     lines[0] = json.dumps({"sub_label": " ".join(["Springfield"] * 150), "obj_label": "Paris"})
     train.write_text("\n".join(lines) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = sweep_args(tiny_gpt2, lama_copy, tmp_path, "--relations", "P1376,P36,P37", "--set", "logging.wandb=false")
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29614"] + args,
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert proc.returncode != 0
-    assert "error: rank 1 failed on unit(s) P36: IndexError" in proc.stderr, proc.stderr[-3000:]
+    run = spawn(2, *args, timeout=300, check=False)
+    assert run.codes[1] == 1
+    assert "error: rank 1 failed on unit(s) P36: IndexError" in run.rank_stderr[1], run.stderr[-3000:]
 
 
 def test_a_broken_checkpoint_stops_the_job_before_anything_is_written(tiny_gpt2, lama, tmp_path):
     store = RunStore(tmp_path)
     store.checkpoint_path("P37").parent.mkdir(parents=True)
     store.checkpoint_path("P37").write_bytes(b"not a checkpoint")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29617"]
-                          + sweep_args(tiny_gpt2, lama, tmp_path, "--set", "logging.wandb=false"),
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert proc.returncode != 0 and "exitcode: 2" in proc.stderr  # rank 0's user-error status
-    assert "P37/checkpoint.pt: cannot read the checkpoint" in proc.stderr
-    assert "delete it to restart P37 from scratch" in proc.stderr
+    run = spawn(2, *sweep_args(tiny_gpt2, lama, tmp_path, "--set", "logging.wandb=false"), timeout=300,
+                check=False)
+    assert run.codes[0] == 2  # rank 0's user-error status
+    assert "P37/checkpoint.pt: cannot read the checkpoint" in run.rank_stderr[0]
+    assert "delete it to restart P37 from scratch" in run.rank_stderr[0]
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "run_config.json").exists()
 
 
@@ -204,16 +201,14 @@ def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):
 
 @pytest.mark.slow
 def test_one_rank_and_two_ranks_compute_the_same_floats_in_deterministic_mode(lama, tmp_path):
-    """SmolLM2-135M, packs of one relation, one thread per rank: one process runs both packs, two torchrun ranks
-    one each, and every figure (MRR and the dev curve included) is the same to the last bit."""
+    """SmolLM2-135M, packs of one relation, one thread per rank: one process runs both packs, two ranks one each, and every figure (MRR and the dev curve included) is the same to the last bit."""
     args = [str(REPO / "launcher" / "run.py"), "--relations", "P36,P1376", "--data-dir", str(lama), "--set",
             "data.max_train=24", "--set", "data.max_dev=24", "--set", "data.max_test=40", "--set",
             "train.max_epochs=2", "--set", "train.lr=1e-3", "--set", "prompt.anchors=true", "--set",
             "prompt.init=manual", "--set", "train.pack_units=1", "--set",
             "parallel.threads=1", "--set", "parallel.deterministic=true", "--set", "logging.wandb=false"]
-    launch([sys.executable], args + ["--out", str(tmp_path / "one")])
-    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29615"],
-           args + ["--out", str(tmp_path / "two")])
+    spawn(0, *args, "--out", str(tmp_path / "one"))
+    spawn(2, *args, "--out", str(tmp_path / "two"))
     one, two = (json.loads((tmp_path / name / "results.json").read_text())["relations"] for name in ("one", "two"))
     for rid in ("P36", "P1376"):
         assert {k: one[rid][k] for k in FIGURES + ("test_mrr",)} == {k: two[rid][k] for k in FIGURES + ("test_mrr",)}

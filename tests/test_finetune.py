@@ -2,23 +2,18 @@
 engine, and every relation starting from the pristine LM (values and dtype). tests/deepspeed_worker.py runs the
 steps in a process of its own (a one-rank gloo group)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from ptuning.config import ConfigError, load_config
 from tests.conftest import REPO
+from tests.ranks import spawn
 
 
 @pytest.fixture(scope="module")
 def report(tiny_gpt2, lama, tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed") / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "deepspeed_worker.py"), str(tiny_gpt2), str(lama),
-                           str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    spawn(0, REPO / "tests" / "deepspeed_worker.py", tiny_gpt2, lama, out)
     return json.loads(out.read_text())
 
 

@@ -14,7 +14,7 @@ from ptuning.parallel import ParallelContext
 from ptuning.results import load_tensors
 from ptuning.store import RunStore
 from tests.conftest import REPO
-from tests.test_megatron import torchrun
+from tests.ranks import spawn
 
 RELATIONS = "P1376,P36,P37"  # three: at TP 2 rank 0 holds two encoders, rank 1 one (an uneven split once hung)
 
@@ -23,8 +23,8 @@ RELATIONS = "P1376,P36,P37"  # three: at TP 2 rank 0 holds two encoders, rank 1 
 def test_tp_2_equals_tp_1_on_logits_and_input_gradients(family, request, tmp_path):
     model = request.getfixturevalue(family)
     worker = str(REPO / "tests" / "megatron_tp_worker.py")
-    torchrun(1, worker, str(model), str(model), str(tmp_path / "tp1.pt"))
-    torchrun(2, worker, str(model), str(model), str(tmp_path / "tp2.pt"))
+    spawn(1, worker, str(model), str(model), str(tmp_path / "tp1.pt"))
+    spawn(2, worker, str(model), str(model), str(tmp_path / "tp2.pt"))
     one, two = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / "tp2.pt")
     assert two["logits"].shape == one["logits"].shape  # 4 facts, one row shared by two of them
     assert torch.allclose(two["logits"], one["logits"], atol=1e-5)
@@ -44,7 +44,7 @@ def test_ptuning_at_tp_2_equals_tp_1(tiny_llama, lama, tmp_path):
     up to what tensor parallelism's other summation order does through Adam."""
     results = {}
     for tp in (1, 2):
-        torchrun(tp, *run_args(tiny_llama, lama, tmp_path / f"tp{tp}", "--set", f"parallel.tensor_parallel={tp}",
+        spawn(tp, *run_args(tiny_llama, lama, tmp_path / f"tp{tp}", "--set", f"parallel.tensor_parallel={tp}",
                                "--set", "prompt.init=manual"))
         results[tp] = json.loads((tmp_path / f"tp{tp}" / "results.json").read_text())["relations"]
         assert {r["status"] for r in results[tp].values()} == {"done"}
@@ -64,8 +64,8 @@ def test_two_replicas_of_tp_2_equal_one_process(tiny_llama, lama, tmp_path):
     relations = "P1376,P36,P37,P1001"
     same = ["--relations", relations, "--set", "train.pack_units=1", "--set", "parallel.threads=1", "--set",
             "prompt.init=manual"]
-    torchrun(1, *run_args(tiny_llama, lama, tmp_path / "one", *same))
-    torchrun(4, *run_args(tiny_llama, lama, tmp_path / "dp2tp2", *same, "--set", "parallel.tensor_parallel=2"))
+    spawn(1, *run_args(tiny_llama, lama, tmp_path / "one", *same))
+    spawn(4, *run_args(tiny_llama, lama, tmp_path / "dp2tp2", *same, "--set", "parallel.tensor_parallel=2"))
     one, four = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "dp2tp2"))
     assert four["world_size"] == 4
     for rid in relations.split(","):

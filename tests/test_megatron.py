@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from ptuning.config import ModelConfig
 from ptuning.models import ModelError, load_backbone
 from ptuning.results import load_tensors
 from ptuning.store import RunStore
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.megatron_fixture import SPEC, write_release
-
-BIN = Path(sys.executable).parent
+from tests.ranks import spawn
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +34,6 @@ def merged(release, tmp_path_factory):
     folder = tmp_path_factory.mktemp("merged") / "megatron-merged"
     merge(release[0], folder, shard_gb=0.0002, log=lambda line: None)  # ~210 KB shards: several files
     return folder
-
-
-def torchrun(n: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port()),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def test_reader_takes_the_architecture_from_args(release):
@@ -239,8 +229,8 @@ def test_tensor_parallel_logits_and_input_gradients_equal_the_merged_model(tp, r
     release_dir, tokenizer, _ = release
     source = release_dir if tp == 8 else merged  # TP=8 loads part i into rank i, no merge
     worker = str(REPO / "tests" / "megatron_tp_worker.py")
-    torchrun(1, worker, str(merged), str(tokenizer), str(tmp_path / "tp1.pt"))
-    torchrun(tp, worker, str(source), str(tokenizer), str(tmp_path / f"tp{tp}.pt"))
+    spawn(1, worker, str(merged), str(tokenizer), str(tmp_path / "tp1.pt"))
+    spawn(tp, worker, str(source), str(tokenizer), str(tmp_path / f"tp{tp}.pt"))
     one, many = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / f"tp{tp}.pt")
     assert many["logits"].shape == one["logits"].shape == (4, 512)
     assert torch.allclose(many["logits"], one["logits"], atol=1e-5)
@@ -263,7 +253,7 @@ def test_ptuning_is_the_same_at_tp_1_2_and_4(release, merged, lama, tmp_path):
     results = {}
     for tp in (1, 2, 4):
         out = tmp_path / f"tp{tp}"
-        torchrun(tp, *args, "--out", str(out), "--set", f"parallel.tensor_parallel={tp}")
+        spawn(tp, *args, "--out", str(out), "--set", f"parallel.tensor_parallel={tp}")
         results[tp] = json.loads((out / "results.json").read_text())["relations"]
         assert {r["status"] for r in results[tp].values()} == {"done"}
     for tp in (2, 4):
@@ -346,10 +336,9 @@ def test_the_meta_built_model_equals_the_old_path(merged, dtype):
 
 
 def test_the_meta_built_model_equals_the_old_path_tensor_parallel(merged, monkeypatch):
-    """Under torchrun, each of 2 ranks against the old path, bit for bit. (The release's own parts at TP 8 are
+    """Two ranks, each against the old path, bit for bit. (The release's own parts at TP 8 are
     checked against the merged model by the logits and gradients test above, to 1e-5.)"""
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # this file runs as the workers' script
-    torchrun(2, str(Path(__file__)), str(merged))
+    spawn(2, str(Path(__file__)), str(merged))  # this file is the ranks' script
 
 
 def test_weights_that_do_not_fit_are_a_clear_error(merged, tmp_path):

@@ -11,7 +11,8 @@ from launcher.distributed import choose_device
 from launcher.run import main
 from ptuning.config import ConfigError
 from ptuning.results import load_tensors
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
+from tests.ranks import spawn
 
 SMALL = ["--set", "data.max_train=16", "--set", "data.max_dev=8", "--set", "data.max_test=20",
          "--set", "train.max_epochs=2", "--set", "logging.progress=lines"]
@@ -21,11 +22,8 @@ RELATION_KEYS = {"label", "status", "n_train", "n_dev", "n_test", "dropped", "ma
 
 def test_cli_writes_the_results_contract(tiny_bert, lama, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launcher" / "run.py"), "--set", f"model.name={tiny_bert}",
-         "--relations", "P36,P1376", "--data-dir", str(lama), "--out", str(out), *SMALL],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = spawn(0, REPO / "launcher" / "run.py", "--set", f"model.name={tiny_bert}", "--relations", "P36,P1376",
+                 "--data-dir", lama, "--out", out, *SMALL, timeout=300)
     assert "| **macro average** |" in proc.stdout and "P36 epoch 1: dev P@1" in proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["vocab"] == "LAMA-29k (bert-base-cased list mapped)" and results["kind"] == "masked"
@@ -114,10 +112,8 @@ def test_the_device_rule_one_gpu_per_rank_or_cpu():
 
 def test_model_device_cpu_runs_and_cuda_without_a_gpu_is_a_one_line_error(tiny_gpt2, lama, tmp_path, capsys):
     base = ["--set", f"model.name={tiny_gpt2}", "--relations", "P37", "--data-dir", str(lama), *SMALL]
-    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "run.py"), *base, "--out", str(tmp_path / "cpu"),
-                           "--set", "model.device=cpu", "--set", "logging.wandb=false"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    spawn(0, REPO / "launcher" / "run.py", *base, "--out", tmp_path / "cpu", "--set", "model.device=cpu", "--set",
+          "logging.wandb=false", timeout=300)
     results = json.loads((tmp_path / "cpu" / "results.json").read_text())
     assert results["config"]["model"]["device"] == "cpu" and results["relations"]["P37"]["status"] == "done"
     if not torch.cuda.is_available():
@@ -129,7 +125,7 @@ def test_torchrun_with_more_ranks_than_gpus_stops_every_rank_with_the_error(tmp_
     """On this machine's GPU count + 1 ranks: every rank stops before any collective (no rank waits for a peer)."""
     n_gpus = torch.cuda.device_count()
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(n_gpus + 1), "--master_port", "29616",
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(n_gpus + 1), "--master_port", str(free_port()),
          str(REPO / "launcher" / "run.py"), "--out", str(tmp_path), "--set",
          f"model.device={'auto' if n_gpus else 'cuda'}"],
         capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Rank-aware prompt encoders on the Megatron fixture (gloo, torchrun): each relation's encoder lives on one rank
+"""Rank-aware prompt encoders on the Megatron fixture (gloo ranks): each relation's encoder lives on one rank
 of its tensor-parallel group, and training gives what replicated encoders give."""
 from __future__ import annotations
 
@@ -7,15 +7,20 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from ptuning.results import load_tensors
 from ptuning.store import RunStore
-from tests.conftest import REPO
-from tests.test_megatron import BIN, merged, release, torchrun  # noqa: F401  (module fixtures)
+from tests.conftest import REPO, free_port
+from tests.ranks import spawn
+from tests.test_megatron import merged, release  # noqa: F401  (module fixtures)
+
+BIN = Path(sys.executable).parent
 
 RELATIONS = ["P36", "P37"]  # the two relations the fixture's 500-token vocabulary keeps with data.vocab=original
 
@@ -28,13 +33,13 @@ def run_args(release, merged, lama, out, *extra: str) -> list[str]:
             "train.lr=0.01", "--set", "logging.wandb=false", "--set", "logging.progress=lines", *extra]
 
 
-def held(log_dir) -> dict[int, tuple[list[str], int]]:
+def held(rank_stderr: list[str]) -> dict[int, tuple[list[str], int]]:
     """rank -> (relations whose encoders it holds, parameter count), from the trainer's log line in each rank's
-    own stderr file (torchrun --redirects: eight ranks writing to one pipe can interleave)."""
+    own stderr (eight ranks writing to one pipe can interleave)."""
     out = {}
-    for path in log_dir.glob("**/stderr.log"):
+    for text in rank_stderr:
         for rank, names, count in re.findall(r"rank (\d+) holds the prompt encoders of (.*) \(([\d,]+) "
-                                             r"parameters\)", path.read_text()):
+                                             r"parameters\)", text):
             out[int(rank)] = ([] if names == "no unit" else names.split(", "), int(count.replace(",", "")))
     return out
 
@@ -45,11 +50,9 @@ def test_sharded_encoders_equal_replicated_ones(tp, release, merged, lama, tmp_p
     runs = {}
     for shard in (True, False):
         out = tmp_path / f"shard-{shard}"
-        logs = tmp_path / f"logs-{shard}"
-        torchrun(tp, "--redirects", "2", "--log-dir", str(logs),
-                 *run_args(release, source, lama, out, "--set", f"parallel.tensor_parallel={tp}", "--set",
-                           f"parallel.shard_prompts={str(shard).lower()}"))
-        runs[shard] = (out, held(logs))
+        run = spawn(tp, *run_args(release, source, lama, out, "--set", f"parallel.tensor_parallel={tp}", "--set",
+                                  f"parallel.shard_prompts={str(shard).lower()}"))
+        runs[shard] = (out, held(run.rank_stderr))
     # each rank holds only its share: relation i lives on rank i mod tp, and nothing else does
     ranks, per_encoder = runs[True][1], None
     assert sorted(ranks) == list(range(tp))
@@ -81,7 +84,7 @@ INTERRUPTED = ("--set", "parallel.tensor_parallel=2", "--set", "train.pack_units
 def whole(release, merged, lama, tmp_path_factory):
     """The interrupted runs' reference at TP 2: the same settings, never stopped."""
     out = tmp_path_factory.mktemp("whole-tp2")
-    torchrun(2, *run_args(release, merged, lama, out, *INTERRUPTED))
+    spawn(2, *run_args(release, merged, lama, out, *INTERRUPTED))
     return out
 
 
@@ -95,10 +98,11 @@ def assert_same_as(whole, out) -> None:
         assert all(torch.equal(wa[n], wb[n]) for n in wa), rid
 
 
-def start(release, merged, lama, out, port: int) -> tuple[subprocess.Popen, RunStore]:
-    """A TP 2 run in the background, returned once P36 (rank 0's) is final and P37 (rank 1's) 3 epochs in."""
+def start(release, merged, lama, out) -> tuple[subprocess.Popen, RunStore]:
+    """A TP 2 run under torchrun in the background (the signals below go through it), returned once P36 (rank
+    0's) is final and P37 (rank 1's) 3 epochs in."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                              *run_args(release, merged, lama, out, *INTERRUPTED)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     store = RunStore(out)
@@ -115,14 +119,14 @@ def test_kill_9_with_sharded_encoders_then_restart_equals_an_uninterrupted_run(w
                                                                                 tmp_path):
     """Each relation's checkpoint is written by the rank that holds its encoder; after kill -9 the finished
     relation is skipped and the other resumes on whichever rank now owns it (P37 moves from rank 1 to rank 0)."""
-    proc, store = start(release, merged, lama, tmp_path, 29721)
+    proc, store = start(release, merged, lama, tmp_path)
     # torchrun and both ranks at once (the ranks run in sessions of their own: match them by the output folder)
     subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=True)
     proc.wait()
     assert (store.result("P37") or {}).get("status") != "done", "the run finished before it could be killed"
     assert store.checkpoint_path("P37").is_file()
 
-    log = torchrun(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
+    log = spawn(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
     assert "already final, skipped: P36" in log and "P37: resuming after epoch" in log, log[-3000:]
     assert_same_as(whole, tmp_path)
 
@@ -130,7 +134,7 @@ def test_kill_9_with_sharded_encoders_then_restart_equals_an_uninterrupted_run(w
 def test_sigterm_to_one_rank_stops_the_group_after_the_same_step(whole, release, merged, lama, tmp_path):
     """A signal that reaches one rank only (rank 0, which holds nothing now) still stops both after the same
     step: the owner of P37 checkpoints it mid-epoch, neither waits for the other, and the restart is exact."""
-    proc, store = start(release, merged, lama, tmp_path, 29722)
+    proc, store = start(release, merged, lama, tmp_path)
     ranks = subprocess.run(["pgrep", "-f", f"launcher/run.py.*{tmp_path}"], capture_output=True, text=True)
     pids = [int(p) for p in ranks.stdout.split()]
     environ = {p: dict(v.split("=", 1) for v in open(f"/proc/{p}/environ").read().split("\0") if "=" in v)
@@ -144,6 +148,6 @@ def test_sigterm_to_one_rank_stops_the_group_after_the_same_step(whole, release,
     assert stderr.count("stopped by SIGTERM after checkpointing its units under way; run the same command") == 2
     assert (store.result("P37") or {}).get("status") != "done" and store.checkpoint_path("P37").is_file()
 
-    log = torchrun(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
+    log = spawn(2, *run_args(release, merged, lama, tmp_path, *INTERRUPTED)).stderr
     assert "P37: resuming" in log
     assert_same_as(whole, tmp_path)

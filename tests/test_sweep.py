@@ -3,8 +3,6 @@ was, the statistics over seeds and facts, W&B's run per variant, and the compare
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from ptuning.config import ConfigError, load_config
 from ptuning.results import load_tensors
 from ptuning.store import RunStore
 from ptuning.units import variants
-from tests.conftest import REPO
+from tests.ranks import spawn
 from tests.wandb_records import read_run
 
 RELATIONS = "P1376,P36,P37"
@@ -151,9 +149,7 @@ def test_compare_two_folders(seeds, tiny_gpt2, lama, tmp_path):
     run(tiny_gpt2, lama, other, "--sweep", "train.seed=34,35,36", "--set", "train.lr=0.03", "--set",
         "logging.wandb=false")
     plot = tmp_path / "compare.png"
-    proc = subprocess.run([sys.executable, "-m", "ptuning.compare", str(seeds[0]), str(other), f"{other}:manual",
-                           "--plot", str(plot)], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = spawn(0, "ptuning.compare", seeds[0], other, f"{other}:manual", "--plot", plot, module=True, timeout=120)
     lines = proc.stdout.splitlines()
     header = lines[0]
     assert header.startswith(f"| relation | {seeds[0].name} | lr | lr:manual | lr - {seeds[0].name} |")
@@ -162,8 +158,7 @@ def test_compare_two_folders(seeds, tiny_gpt2, lama, tmp_path):
     # different test facts cannot be paired
     capped = tmp_path / "capped"
     run(tiny_gpt2, lama, capped, "--set", "data.max_test=20", "--set", "logging.wandb=false")
-    proc = subprocess.run([sys.executable, "-m", "ptuning.compare", str(other), str(capped)], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    proc = spawn(0, "ptuning.compare", other, capped, module=True, timeout=120, check=False)
     assert proc.returncode == 2 and "tested on different facts" in proc.stderr
 
 

@@ -1,0 +1,191 @@
+"""Processes for the tests, forked from one warm process instead of started cold.
+
+A rank started by torchrun is a fresh interpreter that imports torch, transformers and megatron-core before it
+does anything: 3-6 s of CPU each, most of the suite's time on two cores. Here one server process imports those
+once (and runs no torch op, so no thread pool exists to break a fork), then forks each process a test asks for:
+ranks with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and
+real gloo process groups, or a plain process without it. Each runs a script as __main__ with its arguments, its
+output in files of its own. As torchrun does, when one rank fails the others are stopped.
+
+Tests whose subject is a launcher (torchrun, the deepspeed launcher, SLURM, signals that a launcher forwards)
+start that launcher; the others use this.
+
+    run = spawn(2, "launcher/run.py", "--config", ...)       # ranks; spawn(0, ...) for one plain process
+    run.returncode, run.stdout, run.stderr, run.rank_stderr  # like subprocess.CompletedProcess
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WARM = ("torch", "torch.distributed", "transformers", "safetensors.torch", "megatron.core.tensor_parallel",
+        "megatron.core.parallel_state", "ptuning.experiment", "ptuning.models", "ptuning.compare",
+        "model_parallel.backbone", "model_parallel.merge", "launcher.run", "launcher.distributed", "wandb",
+        "deepspeed", "matplotlib.pyplot")
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str  # every process's, in rank order
+    rank_stderr: list[str]
+    codes: list[int]
+
+
+# ---- the server: runs as `python tests/ranks.py` ---------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _child(job: dict, rank: int, port: int, out: str, err: str) -> None:
+    """In the forked process: the environment, the working folder, the output files, then the script."""
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        os.setpgid(0, 0)  # a group of its own: a test can signal it and whatever it starts
+        os.environ.update(job["env"])
+        if job["nproc"]:
+            n = job["nproc"]
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.chdir(job["cwd"])
+        for fd, path in ((1, out), (2, err)):
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(handle, fd)
+            os.close(handle)
+        sys.argv = list(job["argv"])
+        if job["module"]:
+            runpy.run_module(job["argv"][0], run_name="__main__", alter_sys=True)
+        else:
+            sys.path.insert(0, str(Path(job["argv"][0]).resolve().parent))
+            runpy.run_path(job["argv"][0], run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported in the process's stderr, as an interpreter would
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _run(job: dict) -> dict:
+    n = max(job["nproc"], 1)
+    port = _free_port()
+    folder = tempfile.mkdtemp(prefix="ranks-")
+    files = [(f"{folder}/{r}.out", f"{folder}/{r}.err") for r in range(n)]
+    pids = []
+    for rank in range(n):
+        pid = os.fork()
+        if pid == 0:
+            _child(job, rank, port, *files[rank])
+        pids.append(pid)
+    codes: dict[int, int] = {}
+    deadline = time.time() + job["timeout"]
+    failed_at = None
+    while len(codes) < n:
+        for rank, pid in enumerate(pids):
+            if rank in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[rank] = os.waitstatus_to_exitcode(status)
+                if codes[rank] != 0 and failed_at is None:
+                    failed_at = time.time()
+        # like torchrun: one rank's failure stops the others (after a moment to write what they were doing)
+        if time.time() > deadline or (failed_at is not None and time.time() > failed_at + 10):
+            for rank, pid in enumerate(pids):
+                if rank not in codes:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except OSError:  # not yet in a group of its own
+                        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+    outputs = []
+    for out, err in files:
+        outputs.append([Path(out).read_text(errors="replace"), Path(err).read_text(errors="replace")])
+        os.unlink(out)
+        os.unlink(err)
+    os.rmdir(folder)
+    return {"codes": [codes[r] for r in range(n)], "outputs": outputs, "timed_out": time.time() > deadline}
+
+
+def serve() -> None:
+    answers = os.fdopen(os.dup(1), "w")  # the protocol's channel; whatever an import prints goes to stderr
+    os.dup2(2, 1)
+    for name in WARM:
+        __import__(name)
+    if threading.active_count() != 1:  # a thread at fork time would leave its locks held in every child
+        raise RuntimeError(f"the rank server has {threading.active_count()} threads after its imports")
+    answers.write("ready\n")
+    answers.flush()
+    for line in sys.stdin:
+        answers.write(json.dumps(_run(json.loads(line))) + "\n")
+        answers.flush()
+
+
+# ---- the client, in the test process ----------------------------------------------------------------------------
+_server: subprocess.Popen | None = None
+
+
+def _connect() -> subprocess.Popen:
+    global _server
+    if _server is None or _server.poll() is not None:
+        # the server imports warm with one thread; the ranks it forks read OMP_NUM_THREADS from their job
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        log = tempfile.TemporaryFile(mode="w+")  # the server's own warnings; shown if it does not start
+        _server = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO)
+        ready = _server.stdout.readline()
+        if ready.strip() != "ready":
+            log.seek(0)
+            raise RuntimeError(f"the rank server did not start: {log.read()[-3000:]}")
+    return _server
+
+
+def spawn(nproc: int, *argv: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 600,
+          module: bool = False, check: bool = True) -> Finished:
+    """Run a script (or with module=True, `python -m argv[0]`) as `nproc` torchrun-style ranks, or as one plain
+    process when nproc is 0. check: a process that fails fails the test, with its output."""
+    server = _connect()
+    job = {"nproc": nproc, "argv": [str(a) for a in argv], "cwd": str(cwd), "timeout": timeout, "module": module,
+           "env": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}}
+    server.stdin.write(json.dumps(job) + "\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], timeout + 60)
+    if not ready:
+        server.kill()
+        raise TimeoutError(f"{argv}: no answer from the rank server in {timeout + 60} s")
+    answer = json.loads(server.stdout.readline())
+    outputs = answer["outputs"]
+    code = next((c for c in answer["codes"] if c != 0), 0)
+    done = Finished(code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs),
+                    [e for _, e in outputs], answer["codes"])
+    if check:
+        assert code == 0 and not answer["timed_out"], (f"{argv}: exit codes {answer['codes']}"
+                                                       f"{' (timed out)' if answer['timed_out'] else ''}\n"
+                                                       + done.stdout[-2000:] + done.stderr[-4000:])
+    return done
+
+
+if __name__ == "__main__":
+    serve()
