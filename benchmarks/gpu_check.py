@@ -12,7 +12,11 @@ Measured side by side in one run, on one device:
 - GPT2-xl and BERT-base shapes: our step against the raw frozen forward+backward on the same facts; 8 relations
   packed against the same 8 one after another; ours against PEFT's P-tuning (if peft is installed), facts/s;
 - Llama-3.1-8B shapes (TP 1, bf16, random weights): packed step time, facts/s and peak memory for 1, 8 and the
-  auto-packed number of relations.
+  auto-packed number of relations;
+- for Megatron (8 and the auto pack), GPT2-xl and BERT-base (8 relations): the step's profile
+  (benchmarks/step_profile.py: encoders, LM forward and backward, optimizer, batch building, host syncs) and the
+  packed step against the frozen LM's own forward+backward on the same batch;
+- the prompt bank alone (8 encoders at BERT-base's and Megatron-11B's shapes): eager against one CUDA graph.
 Prints one markdown table and writes the figures as JSON (--out).
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from model_parallel.backbone import MegatronBackbone  # noqa: E402
 from model_parallel.model import random_megatron  # noqa: E402
@@ -40,6 +45,10 @@ from ptuning import capacity  # noqa: E402
 from ptuning.backbone import HFBackbone  # noqa: E402
 from ptuning.batching import collate  # noqa: E402
 from ptuning.config import load_config  # noqa: E402
+from ptuning.encoder_stack import Layout  # noqa: E402
+from ptuning.encoders import PromptEncoder  # noqa: E402
+from ptuning.prompt_bank import EncoderStack, Settings  # noqa: E402
+from step_profile import PHASES, profile  # noqa: E402
 from ptuning.data import find_layout, read_relation_infos, select_relations  # noqa: E402
 from ptuning.synthetic import bert_tokenizer, gpt2_tokenizer, roberta_tokenizer  # noqa: E402
 from ptuning.tasks import prepare_task, read_relation  # noqa: E402
@@ -131,6 +140,54 @@ def step_tokens(runs: list) -> int:
     return sum(len(run.rows["train"][i].ids) for run in runs for i in run.order[:BATCH])
 
 
+def add_profile(check: Check, key: str, what: str, trainer: Trainer, runs: list) -> None:
+    """benchmarks/step_profile.py's breakdown of one packed step, and the step against the frozen LM's own
+    forward and backward on the same packed batch (the yardstick: how close to the LM's cost the step is)."""
+    parts = profile(trainer, runs, BATCH, reps=check.reps)
+    check.figures[f"{key}_profile_ms"] = parts
+    phases = ", ".join(f"{p} {parts[p]:.1f}" for p in PHASES)
+    batch = parts["batch building (in LM forward)"]
+    syncs = parts.get("host syncs per step")
+    check.add(f"{key}_step_over_lm", f"{what}: packed step / LM forward+backward alone", parts["step / LM only"],
+              ".2f", f"(target <= 1.25); ms per step: {phases}; batch building {batch:.1f}"
+                     + (f"; host syncs per step {syncs:.0f}" if syncs is not None else ""))
+
+
+def check_bank_graph(check: Check, name: str, n_pseudo: int, hidden: int, units: int) -> None:
+    """The prompt bank's forward, backward and Adam step for `units` encoders of one shape, eager against one
+    captured CUDA graph (a measurement for deciding whether the trainer should capture it)."""
+    layout = Layout.of("lstm", n_pseudo, hidden)
+    init = PromptEncoder(n_pseudo, hidden, "lstm").state_dict()
+    stack = EncoderStack(layout, [init] * units, [Settings(1e-5, 5e-4, 0.0, i) for i in range(units)], check.device)
+    grad = torch.randn(units, n_pseudo, hidden, device=check.device)
+    rows = list(range(units))
+
+    def step() -> None:
+        stack(training=True).backward(grad)
+        stack.step(rows)
+        stack.release_grad()
+
+    eager = check.time(step)
+    if check.device.type != "cuda":
+        check.add(f"bank_{name}_ms", f"bank, {units} x {name} encoders (hidden {hidden}): forward, backward, Adam",
+                  eager * 1e3, ".1f", "ms (no CUDA graph on a CPU)")
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # graph capture wants its warm-up off the default stream
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    replay = check.time(graph.replay)
+    check.add(f"bank_{name}_graph_speedup", f"bank, {units} x {name} encoders (hidden {hidden}): eager / CUDA graph",
+              eager / replay,
+              ".2f", f"x; {eager * 1e3:.2f} ms eager, {replay * 1e3:.2f} ms replayed")
+    del stack, graph
+
+
 def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str], tokenizer, auto_cap: int) -> None:
     dtype = torch.bfloat16 if check.device.type == "cuda" else torch.float32
     check.reset_peak()
@@ -172,6 +229,8 @@ def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str
             check.add(f"megatron_peak_gib_{n}", f"Megatron: peak memory, {n} relation(s)", peak, ".1f",
                       f"GiB; weights {base:.1f} GiB, so {peak - base:.1f} GiB for the relations (estimate "
                       f"{estimate:.1f} GiB)")
+        if n > 1:
+            add_profile(check, f"megatron_{n}", f"Megatron, {n} relations", trainer, runs)
         if n == min(8, len(tasks)):
             items = [(v, r.rows["test"]) for v, r in zip(_vectors(trainer, runs), runs)]
             facts = sum(len(rows) for _, rows in items)
@@ -248,6 +307,7 @@ def check_hf(check: Check, name: str, model, tokenizer, kind: str, layout, relat
     check.add(f"{name}_step_over_raw", f"{name}: our step / raw frozen forward+backward", one / raw_s, ".2f",
               f"{one * 1e3:.1f} ms against {raw_s * 1e3:.1f} ms, {BATCH} facts")
     packed = check.time(step_fn(trainer, runs))
+    add_profile(check, f"{name}_8", f"{name}, {len(runs)} relations", trainer, runs)
     alone = sum(check.time(step_fn(trainer, [run])) for run in runs)
     check.add(f"{name}_packing_speedup", f"{name}: {len(runs)} relations packed against one after another",
               alone / packed, ".2f", f"x (target >= 5x); {BATCH * len(runs) / packed:.0f} against "
@@ -364,6 +424,10 @@ def main() -> None:
     llama.vocab_size = len(llama_tok)
     llama.bos_token_id, llama.eos_token_id = llama_tok.bos_token_id, llama_tok.eos_token_id
     guarded(check, "Llama", lambda: check_llama(check, llama, layout, some, llama_tok))
+    for name, n_pseudo, hidden in (("BERT-base", 9, 768), ("Megatron-11B", 6, 3072)):
+        if args.tiny:
+            name, hidden = f"{name} (tiny)", 32
+        guarded(check, f"bank {name}", lambda: check_bank_graph(check, name.split()[0], n_pseudo, hidden, 8))
     check.figures["seconds"] = time.perf_counter() - started
     check.rows.append(("whole check", f"{check.figures['seconds']:.0f}", "s"))
     print(check.table())

@@ -90,153 +90,160 @@ def _order(name: str) -> tuple:
     return (0,) if not name.startswith("mlp.") else (2, name)
 
 
-def vectors(rows: torch.Tensor, layout: Layout, mask: torch.Tensor | None = None) -> torch.Tensor:
+def vectors(rows: torch.Tensor, layout: Layout, mask: torch.Tensor | None = None,
+            grads: torch.Tensor | None = None) -> torch.Tensor:
     """Every unit's prompt vectors, [K, n_pseudo, hidden], differentiable into `rows` ([K, P]). mask: the dropout
-    mask between the LSTM layers, [K, n_pseudo, hidden], already scaled (None: no dropout)."""
+    mask between the LSTM layers, [K, n_pseudo, hidden], already scaled (None: no dropout). grads: a [K, P]
+    buffer the backward writes the gradient into (and hands to autograd), so that no step allocates one."""
     if layout.kind == "none":
         return layout.view(rows, "vectors")
-    return _Stacked.apply(rows, layout, mask)
+    return _Stacked.apply(rows, layout, mask, grads)
 
 
 class _Stacked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, layout, mask):
+    def forward(ctx, rows, layout, mask, grads):
         x = layout.view(rows, "embedding.weight")
         saved = [x]
         if layout.kind == "lstm":
             for layer in range(2):
                 if layer == 1 and mask is not None:
                     x = x * mask
-                out, states = _layer_forward(rows, layout, layer, x)
-                saved += states
-                x = out
-                saved.append(x)
+                x, states = _layer_forward(rows, layout, layer, x)
+                saved += [*states, x]
         w1, b1 = layout.view(rows, "mlp.0.weight"), layout.view(rows, "mlp.0.bias")
         w2, b2 = layout.view(rows, "mlp.2.weight"), layout.view(rows, "mlp.2.bias")
         z = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))
         a = z.relu()
         out = torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2))
-        ctx.layout = layout
+        ctx.layout, ctx.has_mask, ctx.grads = layout, mask is not None, grads
         ctx.save_for_backward(rows, mask if mask is not None else rows.new_empty(0), z, a, *saved)
-        ctx.has_mask = mask is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         layout = ctx.layout
         rows, mask, z, a, *saved = ctx.saved_tensors
-        grads = torch.empty_like(rows)
+        grads, ctx.grads = ctx.grads, None  # handed on: autograd keeps it as the gradient only if no one else holds it
+        if grads is None:
+            grads = torch.empty_like(rows)
+        g = lambda name, count=1: layout.view(grads, name, count)  # noqa: E731  the gradient's slot for a tensor
         w1, w2 = layout.view(rows, "mlp.0.weight"), layout.view(rows, "mlp.2.weight")
-        x = saved[-1]  # the MLP's input
-        layout.view(grads, "mlp.2.weight").copy_(torch.bmm(grad.transpose(1, 2), a))
-        layout.view(grads, "mlp.2.bias").copy_(grad.sum(1))
-        dz = torch.bmm(grad, w2) * (z > 0)
-        layout.view(grads, "mlp.0.weight").copy_(torch.bmm(dz.transpose(1, 2), x))
-        layout.view(grads, "mlp.0.bias").copy_(dz.sum(1))
+        grad = grad.contiguous()
+        torch.bmm(grad.transpose(1, 2), a, out=g("mlp.2.weight"))
+        torch.sum(grad, 1, out=g("mlp.2.bias"))
+        dz = torch.bmm(grad, w2).mul_(z > 0)
+        torch.bmm(dz.transpose(1, 2), saved[-1], out=g("mlp.0.weight"))  # saved[-1]: the MLP's input
+        torch.sum(dz, 1, out=g("mlp.0.bias"))
         dx = torch.bmm(dz, w1)
         if layout.kind == "lstm":
-            # saved: embedding, [layer 0: states..., out], [layer 1: states..., out]
-            per = (len(saved) - 1) // 2
+            # saved: embedding, then per layer its 6 states and its output
             for layer in (1, 0):
-                start = 1 + layer * per
-                states = saved[start:start + per - 1]
+                start = 1 + 7 * layer
                 x_in = saved[start - 1]  # the layer's input: the embedding, or layer 0's output (dropped out)
                 if layer == 1 and ctx.has_mask:
                     x_in = x_in * mask
-                dx = _layer_backward(rows, grads, layout, layer, x_in, states, dx)
+                dx = _layer_backward(rows, g, layout, layer, x_in, saved[start:start + 6], dx)
                 if layer == 1 and ctx.has_mask:
                     dx = dx * mask
-        layout.view(grads, "embedding.weight").copy_(dx)
-        return grads, None, None
+        g("embedding.weight").copy_(dx)
+        return grads, None, None, None
 
 
 def _layer_forward(rows, layout, layer, x):
     """One BiLSTM layer over every unit: x [K, T, D] -> out [K, T, H] (forward half, then reverse half)."""
-    k, t, _ = x.shape
+    k = x.shape[0]
     w_ih = layout.view(rows, f"lstm.weight_ih_l{layer}", 2)  # [K, 2, 4h, D]
     w_hh = layout.view(rows, f"lstm.weight_hh_l{layer}", 2)  # [K, 2, 4h, h]
     bias = layout.view(rows, f"lstm.bias_ih_l{layer}", 2) + layout.view(rows, f"lstm.bias_hh_l{layer}", 2)
-    gates_in = torch.baddbmm(bias.reshape(k, 1, -1), x, w_ih.flatten(1, 2).transpose(1, 2))  # [K, T, 2 * 4h]
+    # the input projection of every step of both directions, time-major: [T, K, 2 * 4h]
+    gates_in = torch.baddbmm(bias.reshape(k, 1, -1), x, w_ih.flatten(1, 2).transpose(1, 2)).transpose(0, 1)
     four_h = w_hh.shape[2]
     halves, states = [], []
     for direction in range(2):
-        g = gates_in[:, :, direction * four_h:(direction + 1) * four_h]
-        h, acts, cells = _recur(g, w_hh[:, direction], reverse=direction == 1)
+        h, acts, cells = _recur(gates_in[:, :, direction * four_h:(direction + 1) * four_h], w_hh[:, direction],
+                                reverse=direction == 1)
         halves.append(h)
         states += [h, acts, cells]
-    return torch.cat(halves, dim=2), states
+    return torch.cat(halves, dim=2).transpose(0, 1), states  # [K, T, 2h]
 
 
 def _recur(gates_in, w_hh, reverse):
-    """The recurrence of one direction: gates_in [K, T, 4h] (input projection plus both biases), w_hh [K, 4h, h].
-    Returns h [K, T, h] and, for the backward, the gates' activations [K, T, 4h] and cells [K, T, h]."""
-    k, t, four_h = gates_in.shape
+    """The recurrence of one direction: gates_in [T, K, 4h] (input projection plus both biases), w_hh [K, 4h, h].
+    Returns h [T, K, h] and, for the backward, the gates' activations [T, K, 4h] (i, f, g, o) and cells [T, K, h],
+    all time-major."""
+    t, k, four_h = gates_in.shape
     n = four_h // 4
-    h_all = gates_in.new_empty(k, t, n)
-    acts = gates_in.new_empty(k, t, four_h)
-    cells = gates_in.new_empty(k, t, n)
+    acts = torch.empty(t, k, four_h, dtype=gates_in.dtype, device=gates_in.device)
+    cells = torch.empty(t, k, n, dtype=gates_in.dtype, device=gates_in.device)
+    h_all = torch.empty(t, k, n, dtype=gates_in.dtype, device=gates_in.device)
     h = c = None
     for step in range(t):
         i = t - 1 - step if reverse else step
-        g = gates_in[:, i] if h is None else torch.baddbmm(gates_in[:, i].unsqueeze(1), h.unsqueeze(1),
-                                                            w_hh.transpose(1, 2)).squeeze(1)
-        gi, gf, gg, go = g.chunk(4, dim=1)
-        gi, gf, gg, go = gi.sigmoid(), gf.sigmoid(), gg.tanh(), go.sigmoid()
-        c = gi * gg if c is None else gf * c + gi * gg
-        h = go * c.tanh()
-        acts[:, i] = torch.cat((gi, gf, gg, go), dim=1)
-        cells[:, i] = c
-        h_all[:, i] = h
+        gates = acts[i]
+        if h is None:
+            gates.copy_(gates_in[i])
+        else:
+            torch.baddbmm(gates_in[i].unsqueeze(1), h.unsqueeze(1), w_hh.transpose(1, 2), out=gates.unsqueeze(1))
+        gates[:, :2 * n].sigmoid_()  # input and forget gates
+        gates[:, 2 * n:3 * n].tanh_()  # the cell's candidate
+        gates[:, 3 * n:].sigmoid_()  # output gate
+        gi, gf, gg, go = gates.chunk(4, dim=1)
+        c = torch.mul(gi, gg, out=cells[i]) if c is None else torch.addcmul(gi * gg, gf, c, out=cells[i])
+        h = torch.mul(go, c.tanh(), out=h_all[i])
     return h_all, acts, cells
 
 
-def _layer_backward(rows, grads, layout, layer, x, states, dout):
-    """The gradients of one BiLSTM layer's weights (written into `grads`) and of its input, from dout [K, T, H]."""
+def _layer_backward(rows, g, layout, layer, x, states, dout):
+    """The gradients of one BiLSTM layer's weights (written into their slots, g(name)) and of its input, from
+    dout [K, T, H]."""
     k, t, _ = x.shape
     w_ih = layout.view(rows, f"lstm.weight_ih_l{layer}", 2)
     w_hh = layout.view(rows, f"lstm.weight_hh_l{layer}", 2)
     n = w_hh.shape[-1]
-    dgates, dw_hh = [], []
+    dgates = torch.empty(t, k, 2 * 4 * n, dtype=x.dtype, device=x.device)  # time-major, the projection's layout
+    dw_hh = g(f"lstm.weight_hh_l{layer}", 2)
+    dout = dout.transpose(0, 1)  # [T, K, H]
     for direction in range(2):
         h_all, acts, cells = states[3 * direction:3 * direction + 3]
-        dg, dw = _recur_backward(dout[:, :, direction * n:(direction + 1) * n], w_hh[:, direction], h_all, acts,
-                                 cells, reverse=direction == 1)
-        dgates.append(dg)
-        dw_hh.append(dw)
-    dgates = torch.cat(dgates, dim=2)  # [K, T, 2 * 4h], the input projection's layout
-    layout.view(grads, f"lstm.weight_hh_l{layer}", 2).copy_(torch.stack(dw_hh, dim=1))
-    bias = dgates.sum(1).view(k, 2, 4 * n)
-    layout.view(grads, f"lstm.bias_ih_l{layer}", 2).copy_(bias)
-    layout.view(grads, f"lstm.bias_hh_l{layer}", 2).copy_(bias)
-    layout.view(grads, f"lstm.weight_ih_l{layer}", 2).copy_(torch.bmm(dgates.transpose(1, 2), x).view(k, 2, 4 * n, -1))
-    return torch.bmm(dgates, w_ih.flatten(1, 2))
+        _recur_backward(dout[:, :, direction * n:(direction + 1) * n], w_hh[:, direction], h_all, acts, cells,
+                        direction == 1, dgates[:, :, direction * 4 * n:(direction + 1) * 4 * n], dw_hh[:, direction])
+    by_unit = dgates.transpose(0, 1)  # [K, T, 2 * 4h]
+    bias = g(f"lstm.bias_ih_l{layer}", 2)
+    torch.sum(by_unit, 1, out=bias.view(k, -1))
+    g(f"lstm.bias_hh_l{layer}", 2).copy_(bias)
+    torch.bmm(by_unit.transpose(1, 2), x, out=g(f"lstm.weight_ih_l{layer}", 2).flatten(1, 2))
+    return torch.bmm(by_unit, w_ih.flatten(1, 2))
 
 
-def _recur_backward(dh_out, w_hh, h_all, acts, cells, reverse):
-    """Back through one direction's recurrence: the gates' pre-activation gradients [K, T, 4h] and the recurrent
-    weights' gradient [K, 4h, h], the latter as one product over every step."""
-    k, t, n = dh_out.shape
-    dgates = dh_out.new_empty(k, t, 4 * n)
+def _recur_backward(dh_out, w_hh, h_all, acts, cells, reverse, dgates, dw_hh):
+    """Back through one direction's recurrence: the gates' pre-activation gradients into dgates [T, K, 4h], and
+    the recurrent weights' gradient into dw_hh [K, 4h, h] as one product over every step."""
+    t, k, n = dh_out.shape
     dh = dc = None
     for step in reversed(range(t)):
         i = t - 1 - step if reverse else step
-        prev = i + 1 if reverse else i - 1
-        gi, gf, gg, go = acts[:, i].chunk(4, dim=1)
-        tc = cells[:, i].tanh()
-        dh_i = dh_out[:, i] if dh is None else dh_out[:, i] + dh
-        do = dh_i * tc
-        dc_i = dh_i * go * (1 - tc * tc) if dc is None else dh_i * go * (1 - tc * tc) + dc
-        di, dg = dc_i * gg, dc_i * gi
-        df = dc_i * cells[:, prev] if step else torch.zeros_like(dc_i)
+        gi, gf, gg, go = acts[i].chunk(4, dim=1)
+        tc = cells[i].tanh()
+        dh_i = dh_out[i] if dh is None else dh_out[i] + dh
+        dc_i = dh_i * go * (1 - tc * tc)
+        if dc is not None:
+            dc_i += dc
+        d = dgates[i]
+        torch.mul(dc_i * gg, gi * (1 - gi), out=d[:, :n])  # input gate
+        if step:
+            torch.mul(dc_i * cells[i + 1 if reverse else i - 1], gf * (1 - gf), out=d[:, n:2 * n])  # forget
+        else:
+            d[:, n:2 * n].zero_()  # the first step's cell had no predecessor
+        torch.mul(dc_i * gi, 1 - gg * gg, out=d[:, 2 * n:3 * n])  # candidate
+        torch.mul(dh_i * tc, go * (1 - go), out=d[:, 3 * n:])  # output gate
         dc = dc_i * gf
-        d = torch.cat((di * gi * (1 - gi), df * gf * (1 - gf), dg * (1 - gg * gg), do * go * (1 - go)), dim=1)
-        dgates[:, i] = d
         if step:
             dh = torch.bmm(d.unsqueeze(1), w_hh).squeeze(1)
     # the recurrent product at step s read h of step s-1 (zero at the first step, which has no product)
     h_prev = torch.zeros_like(h_all)
     if reverse:
-        h_prev[:, :-1] = h_all[:, 1:]
+        h_prev[:-1] = h_all[1:]
     else:
-        h_prev[:, 1:] = h_all[:, :-1]
-    return dgates, torch.bmm(dgates.transpose(1, 2), h_prev)
+        h_prev[1:] = h_all[:-1]
+    torch.bmm(dgates.permute(1, 2, 0), h_prev.transpose(0, 1), out=dw_hh)

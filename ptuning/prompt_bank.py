@@ -58,6 +58,8 @@ class EncoderStack(torch.nn.Module):
         self.settings = list(settings)
         self.steps = [torch.zeros((), device=device) for _ in settings]
         self.moments: tuple[torch.Tensor, torch.Tensor] | None = None  # Adam's exp_avg, exp_avg_sq: made at step 1
+        # the backward writes the gradient here, step after step: on a CPU a fresh [K, P] tensor costs page faults
+        self.grad_buffer: torch.Tensor | None = None
         self.generators = [torch.Generator(device=device).manual_seed(s.seed) for s in settings]
 
     def __len__(self) -> int:
@@ -73,7 +75,19 @@ class EncoderStack(torch.nn.Module):
                 (torch.rand(shape, generator=g, device=self.rows.device) >= s.dropout).float() / (1 - s.dropout)
                 if s.dropout > 0 else torch.ones(shape, device=self.rows.device)
                 for s, g in zip(self.settings, self.generators)]).to(self.rows.dtype)
-        return vectors(self.rows, self.layout, mask)
+        grads = None
+        if training and torch.is_grad_enabled() and self.rows.grad is None:
+            # the backward writes into the last step's gradient tensor; handed over, not shared, so that autograd
+            # takes it as the gradient rather than copying it (an optimizer that zeroes in place rather than
+            # releasing gets a fresh tensor each time)
+            grads, self.grad_buffer = self.grad_buffer, None
+            if grads is None or grads.shape != self.rows.shape:
+                grads = torch.empty_like(self.rows.detach())
+        return vectors(self.rows, self.layout, mask, grads)
+
+    def release_grad(self) -> None:
+        """The step is over: its gradient tensor is kept for the next backward to write into."""
+        self.grad_buffer, self.rows.grad = self.rows.grad, None
 
     @torch.no_grad()
     def step(self, rows: list[int], scales: list[float] | None = None) -> None:
@@ -109,6 +123,7 @@ class EncoderStack(torch.nn.Module):
                 tensor[i].copy_(tensor[i + 1])
         keep = len(self) - 1
         self.rows.data = self.rows.data[:keep]
+        self.grad_buffer = None
         if self.moments is not None:
             self.moments = tuple(m[:keep] for m in self.moments)
         for per_row in (self.settings, self.steps, self.generators):
@@ -257,7 +272,7 @@ class PromptBank:
 
     def zero_grad(self) -> None:
         for stack in self.stacks:
-            stack.rows.grad = None
+            stack.release_grad()
 
     def gradient(self, uid: str) -> torch.Tensor:
         """A unit's gradient since the last step, its row of the stack's (flat, PromptEncoder's numbers in the

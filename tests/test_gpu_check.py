@@ -13,7 +13,14 @@ def test_gpu_check_runs_at_tiny_shapes(lama, tmp_path):
     assert "errors" not in figures
     for key in ("matmul_flops", "megatron_build_s", "megatron_auto", "megatron_step_s_1", "megatron_step_s_8",
                 "megatron_eval_facts_per_s", "gpt2_step_over_raw", "gpt2_packing_speedup", "bert_step_over_raw",
-                "bert_packing_speedup", "llama_build_s", "llama_step_s_1", "llama_step_s_8"):
+                "bert_packing_speedup", "llama_build_s", "llama_step_s_1", "llama_step_s_8",
+                "megatron_8_step_over_lm", "gpt2_8_step_over_lm", "bert_8_step_over_lm", "bank_BERT-base_ms",
+                "bank_Megatron-11B_ms"):
         assert figures[key] > 0, key
     assert figures["megatron_auto"] == 8  # on a CPU every relation packs (the tiny run caps it at 8)
     assert proc.stdout.count("\n| ") >= 10 and "| whole check |" in proc.stdout
+    profile = figures["megatron_8_profile_ms"]  # the step's parts add up to the whole
+    assert profile["whole step"] == sum(profile[p] for p in ("encoders forward", "LM forward", "LM backward",
+                                                             "encoders backward", "optimizer")) or \
+        abs(profile["whole step"] / sum(profile[p] for p in ("encoders forward", "LM forward", "LM backward",
+                                                             "encoders backward", "optimizer")) - 1) < 0.2
