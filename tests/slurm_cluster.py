@@ -4,6 +4,7 @@ slurm-client and munge must be installed (.ci/run installs them when it runs as 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 
 
@@ -84,14 +86,19 @@ class Cluster:
         return subprocess.run(list(command), capture_output=True, text=True, env=self.env)
 
     def wait(self, job: str, timeout: float = 300, release_requeued: bool = False) -> None:
-        """Until the job has left the queue. release_requeued: start a requeued job now instead of after the
-        delay SLURM puts on it."""
+        """Until the job has ended (scontrol keeps an ended job for MinJobAge). release_requeued: the job is being
+        requeued; start it again now rather than after the delay SLURM puts on it, and wait for the run after the
+        requeue to end (between the two, the queue can show no job for a moment)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            state = self.run("squeue", "-h", "-j", job, "-o", "%T %r").stdout.strip()
-            if not state:
+            info = self.run("scontrol", "show", "job", job).stdout
+            state = re.search(r"JobState=(\S+)", info)
+            if state is None:  # gone from the controller's memory: ended long ago
                 return
-            if release_requeued and state.startswith("PENDING") and "BeginTime" in state:
+            restarts = int((re.search(r"Restarts=(\d+)", info) or [0, 0])[1])
+            if release_requeued and state[1] == "PENDING" and "Reason=BeginTime" in info:
                 self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            if state[1] in ENDED and (not release_requeued or restarts >= 1):
+                return
             time.sleep(0.5)
         raise TimeoutError(f"SLURM job {job} still queued after {timeout} s")
