@@ -66,6 +66,7 @@ def test_packs_of_n_are_the_same_under_any_world_size_and_groups_take_whole_pack
     assert assign_packs({"a": 1}, 0, 2) == [[["a"]], []]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path):
     launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
            sweep_args(tiny_gpt2, lama, tmp_path))
@@ -75,6 +76,7 @@ def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path)
     assert all(RunStore(tmp_path).encoder_path(r).is_file() for r in RELATIONS.split(","))
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_runs_the_same_config(single, tiny_gpt2, lama, tmp_path):
     launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
            sweep_args(tiny_gpt2, lama, tmp_path / "prompts"))
@@ -88,6 +90,7 @@ def test_deepspeed_launcher_runs_the_same_config(single, tiny_gpt2, lama, tmp_pa
     assert {r["status"] for r in results["relations"].values()} == {"done"}
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_holds_the_summary_and_the_table(single):
     results = json.loads((single / "results.json").read_text())
     run = read_run(single)
@@ -129,6 +132,7 @@ def whole(tiny_gpt2, lama, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_between_interval_checkpoints_then_restart_equals_an_uninterrupted_run(whole, tiny_gpt2, lama,
                                                                                       tmp_path):
     """Checkpoints every 0.02 minutes (1.2 s): several epochs between them, and the kill lands after the last one,
@@ -160,6 +164,7 @@ def test_kill_9_between_interval_checkpoints_then_restart_equals_an_uninterrupte
     assert not store.checkpoint_path("P36").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama_copy, tmp_path):
     """P36 falls to rank 1 (three relations of 24 facts: P1376 and P37 on group 0); one of its training facts is
     longer than the tiny model's 128 positions, so its first training step fails inside the model."""
@@ -173,6 +178,7 @@ def test_a_failing_rank_stops_the_job_naming_rank_and_relation(tiny_gpt2, lama_c
     assert "error: rank 1 failed on unit(s) P36: IndexError" in run.rank_stderr[1], run.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_broken_checkpoint_stops_the_job_before_anything_is_written(tiny_gpt2, lama, tmp_path):
     store = RunStore(tmp_path)
     store.checkpoint_path("P37").parent.mkdir(parents=True)

@@ -17,12 +17,14 @@ def report(tiny_gpt2, lama, tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_one_step_is_the_same_update_with_and_without_deepspeed(report):
     # lr 1e-3 with weight decay 0.1: AdamW, or DeepSpeed's default clipping at norm 1.0, would part by ~2 lr
     assert report["moved"] > 5e-4
     assert report["plain_vs_deepspeed"] < 1e-6
 
 
+@pytest.mark.slow
 def test_a_finished_relation_leaves_no_engine_hooks_or_memory_behind(report):
     before, after = report["before"], report["after_each"]
     assert len(after) == 3
@@ -32,6 +34,7 @@ def test_a_finished_relation_leaves_no_engine_hooks_or_memory_behind(report):
         assert state["pristine"] and state["dtype"] == "torch.float32"
 
 
+@pytest.mark.slow
 def test_after_a_bf16_engine_the_next_relation_starts_from_the_pristine_dtype(report):
     assert [s["dtype"] for s in report["bf16_after_each"]] == ["torch.float32"] * 2
     assert all(s["pristine"] for s in report["bf16_after_each"])

@@ -1,8 +1,12 @@
 """`make gpu-check`'s script at tiny shapes on the CPU, so it cannot rot between GPU leases."""
 import json
 
+import pytest
+
 from tests.conftest import REPO
 from tests.ranks import spawn
+
+pytestmark = pytest.mark.slow  # processes: ranks, launchers
 
 
 def test_gpu_check_runs_at_tiny_shapes(lama, tmp_path):

@@ -16,6 +16,8 @@ from ptuning.store import RunStore
 from tests.conftest import REPO
 from tests.ranks import spawn
 
+pytestmark = pytest.mark.slow  # processes: ranks, launchers
+
 RELATIONS = "P1376,P36,P37"  # three: at TP 2 rank 0 holds two encoders, rank 1 one (an uneven split once hung)
 
 

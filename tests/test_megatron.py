@@ -224,6 +224,7 @@ def test_merged_model_matches_the_plain_reference_with_and_without_padding(relea
     assert torch.allclose(behind[0].cpu(), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 8])  # 4 is covered by test_ptuning_is_the_same_at_tp_1_2_and_4
 def test_tensor_parallel_logits_and_input_gradients_equal_the_merged_model(tp, release, merged, tmp_path):
     release_dir, tokenizer, _ = release
@@ -244,6 +245,7 @@ def test_the_release_needs_a_merge_for_other_sizes(release):
         load_backbone(ModelConfig(name=str(release[0]), tokenizer=str(release[1])))
 
 
+@pytest.mark.slow
 def test_ptuning_is_the_same_at_tp_1_2_and_4(release, merged, lama, tmp_path):
     args = [str(REPO / "launcher" / "run.py"), "--set", f"model.name={merged}", "--set",
             f"model.tokenizer={release[1]}", "--relations", "P36,P37", "--data-dir", str(lama), "--set",
@@ -335,6 +337,7 @@ def test_the_meta_built_model_equals_the_old_path(merged, dtype):
     _assert_loaded_like_the_old_path(merged, 1, 0, dtype)
 
 
+@pytest.mark.slow
 def test_the_meta_built_model_equals_the_old_path_tensor_parallel(merged, monkeypatch):
     """Two ranks, each against the old path, bit for bit. (The release's own parts at TP 8 are
     checked against the merged model by the logits and gradients test above, to 1e-5.)"""

@@ -20,6 +20,7 @@ RELATION_KEYS = {"label", "status", "n_train", "n_dev", "n_test", "dropped", "ma
                  "test_p@10", "test_mrr", "best_epoch", "epochs_run", "seconds"}
 
 
+@pytest.mark.slow
 def test_cli_writes_the_results_contract(tiny_bert, lama, tmp_path):
     out = tmp_path / "out"
     proc = spawn(0, REPO / "launcher" / "run.py", "--set", f"model.name={tiny_bert}", "--relations", "P36,P1376",
@@ -110,6 +111,7 @@ def test_the_device_rule_one_gpu_per_rank_or_cpu():
         choose_device("cuda:1", 0, 1, 2)
 
 
+@pytest.mark.slow
 def test_model_device_cpu_runs_and_cuda_without_a_gpu_is_a_one_line_error(tiny_gpt2, lama, tmp_path, capsys):
     base = ["--set", f"model.name={tiny_gpt2}", "--relations", "P37", "--data-dir", str(lama), *SMALL]
     spawn(0, REPO / "launcher" / "run.py", *base, "--out", tmp_path / "cpu", "--set", "model.device=cpu", "--set",
@@ -121,6 +123,7 @@ def test_model_device_cpu_runs_and_cuda_without_a_gpu_is_a_one_line_error(tiny_g
         assert "model.device=cuda but this node has no CUDA GPU: set model.device=cpu" in err
 
 
+@pytest.mark.slow
 def test_torchrun_with_more_ranks_than_gpus_stops_every_rank_with_the_error(tmp_path):
     """On this machine's GPU count + 1 ranks: every rank stops before any collective (no rank waits for a peer)."""
     n_gpus = torch.cuda.device_count()

@@ -20,6 +20,8 @@ from tests.conftest import REPO, free_port
 from tests.ranks import spawn
 from tests.test_megatron import merged, release  # noqa: F401  (module fixtures)
 
+pytestmark = pytest.mark.slow  # processes: ranks, launchers
+
 BIN = Path(sys.executable).parent
 
 RELATIONS = ["P36", "P37"]  # the two relations the fixture's 500-token vocabulary keeps with data.vocab=original

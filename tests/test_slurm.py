@@ -46,6 +46,7 @@ def submit(cluster, model, lama, out, *extra) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_two_rank_job_writes_the_results(cluster, tiny_gpt2, lama, tmp_path):
     job = submit(cluster, tiny_gpt2, lama, tmp_path, "--relations", RELATIONS, "--nodes", "1",
                  "--gpus-per-node", "0", "--procs-per-node", "2")
@@ -59,6 +60,7 @@ def test_two_rank_job_writes_the_results(cluster, tiny_gpt2, lama, tmp_path):
     assert f"[ptuning-lama] job {job}" in log and "| **macro average** |" in log
 
 
+@pytest.mark.slow
 def test_usr1_before_the_time_limit_requeues_and_resumes(cluster, tiny_gpt2, lama, tmp_path):
     job = submit(cluster, tiny_gpt2, lama, tmp_path, "--relations", "P1376,P36", "--set",
                  "train.pack_units=1", "--set", "data.max_train=200", "--set", "train.max_epochs=25",
@@ -82,6 +84,7 @@ def test_usr1_before_the_time_limit_requeues_and_resumes(cluster, tiny_gpt2, lam
     assert [r["epochs_run"] for r in results["relations"].values()] == [25, 25]
 
 
+@pytest.mark.slow
 def test_array_job_per_relation_group_then_collect(cluster, tiny_gpt2, lama, tmp_path):
     job = submit(cluster, tiny_gpt2, lama, tmp_path, "--relations", RELATIONS, "--array", "2", "--set",
                  "logging.wandb=false")
@@ -148,6 +151,7 @@ def test_deepspeed_names_the_gpus_slurm_gave_the_node():
     assert "IDS=0,1,2\n" in script("--procs-per-node", "3", "--launcher", "deepspeed")  # CPU ranks: ids only count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("visible, expected", [("2,3", "2,3"), ("4,6,7", "4,6")])
 def test_the_deepspeed_launcher_hands_its_ranks_the_jobs_gpus(tmp_path, visible, expected):
     """The real deepspeed launcher, as the script starts it on the second node of two, where SLURM gave the job

@@ -144,6 +144,7 @@ def test_bootstrap_intervals_behave():
         stats.difference(setting, stats.Setting([1], {"P0": hits["P0"][:1]}))
 
 
+@pytest.mark.slow
 def test_compare_two_folders(seeds, tiny_gpt2, lama, tmp_path):
     other = tmp_path / "lr"
     run(tiny_gpt2, lama, other, "--sweep", "train.seed=34,35,36", "--set", "train.lr=0.03", "--set",
