@@ -185,7 +185,6 @@ def check_bank_graph(check: Check, name: str, n_pseudo: int, hidden: int, units:
     check.add(f"bank_{name}_graph_speedup", f"bank, {units} x {name} encoders (hidden {hidden}): eager / CUDA graph",
               eager / replay,
               ".2f", f"x; {eager * 1e3:.2f} ms eager, {replay * 1e3:.2f} ms replayed")
-    del stack, graph
 
 
 def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str], tokenizer, auto_cap: int) -> None:

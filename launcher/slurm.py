@@ -36,7 +36,8 @@ from ptuning.data import find_layout, read_facts, resolve_data_dir, select_relat
 from ptuning.parallel import balance
 from ptuning.config import config_from_dict
 from ptuning.coordinator import Coordinator
-from ptuning.results import atomic_write_text, header_of, render_markdown
+from ptuning.files import atomic_write_text
+from ptuning.results import header_of, render_markdown
 from ptuning.store import RunStore
 from ptuning.units import variants
 

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 from ptuning import stats
+from ptuning.files import WriteError
 from ptuning.progress import Progress
 from ptuning.results import Report, plot_p_at_1
 from ptuning.store import FINAL, RunStore
@@ -27,6 +28,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.error: WriteError | None = None  # what stopped the polling thread
 
     def poll(self) -> None:
         with self._lock:
@@ -82,7 +84,11 @@ class Coordinator:
     def start(self, interval: float = 2.0) -> None:
         def loop() -> None:
             while not self._stop.wait(interval):
-                self.poll()
+                try:
+                    self.poll()
+                except WriteError as error:  # a full disk, say: the main thread says it when the run ends
+                    self.error = error
+                    return
 
         self._thread = threading.Thread(target=loop, name="coordinator", daemon=True)
         self._thread.start()
@@ -91,6 +97,8 @@ class Coordinator:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.error is not None:
+            raise self.error
         self.poll()
         self.report.add_statistics(self.statistics())
         payload = self.report.payload

@@ -6,54 +6,17 @@ manual prompt's figures and, without a sweep, its one unit's figures; in a sweep
 chosen on dev: without a sweep, the only one), "best_on_dev" (which variant that was), and "statistics" (per
 setting, over seeds and test facts: mean, spread, 95% bootstrap interval, gain over the manual prompt).
 
-Everything is written to a temporary file in the same folder and renamed, so a reader (or a crash) never sees
-half a file.
+Everything is written whole (ptuning/files.py: a temporary file in the same folder, renamed), so a reader (or a
+crash) never sees half a file.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """write(handle) fills a temporary file beside path, which is then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save_safetensors(cpu, metadata=metadata))
-
-
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_safetensors(Path(path).read_bytes())
+from ptuning.files import atomic_write_bytes, atomic_write_text
 
 
 RESULT_KEYS = ("relations", "macro", "micro", "best_on_dev", "statistics")  # what a run adds to its header

@@ -16,7 +16,7 @@ which without a sweep is also its one unit's.
     <out>/results.json, results.md, p_at_1.png, wandb/   written by the coordinator
     <out>/run.lock                              held by the coordinator while a job runs: who holds it
 
-Every file is written to a temporary file and renamed. A folder being resumed is checked whole before anything is
+Every file is written whole (ptuning/files.py: a temporary file renamed, the folder synced, the umask's mode). A folder being resumed is checked whole before anything is
 written to it: every record, checkpoint and saved encoder must read back, or the run stops with one line naming the
 file (a broken checkpoint is refused, not silently dropped: deleting it restarts that relation).
 """
@@ -34,8 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ptuning.config import ConfigError, ExperimentConfig, config_from_dict
-from ptuning.files import DataError, read_json_object
-from ptuning.results import atomic_write, atomic_write_text, load_tensors, save_tensors
+from ptuning.files import DataError, cause_of, read_json_object, write_error
+from ptuning.files import atomic_write, atomic_write_text, load_tensors, save_tensors
 
 FINAL = ("done", "manual_only", "evaluated")
 
@@ -82,8 +82,17 @@ class RunStore:
         """Hold <out>/run.lock until this process ends (an fcntl lock, released with the process however it ends,
         NFS included). A second job on the folder (a requeued job overlapping one still alive, say) stops with
         the first one's description instead of interleaving with it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # before anything loads: an output folder that cannot be one is a setting to change
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"{self.root}: exists and is not a folder; choose another output.dir") from None
+        except OSError as error:
+            raise ConfigError(f"{self.root}: cannot make the output folder ({cause_of(error)}); choose another "
+                              "output.dir") from None
+        try:
+            fd = os.open(self.root / "run.lock", os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for open()
+        except OSError as error:
+            raise write_error(error, self.root / "run.lock") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -91,8 +100,12 @@ class RunStore:
             os.close(fd)
             raise ConfigError(f"{self.root}: in use by {other}; wait for that job to end, or use another "
                               "output.dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (holder + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder + "\n").encode(), 0)
+        except OSError as error:
+            os.close(fd)
+            raise write_error(error, self.root / "run.lock") from None
         self._lock = fd
 
     def unit_dir(self, unit: str) -> Path:

@@ -133,7 +133,23 @@ def variants(cfg: ExperimentConfig, source: str = "config") -> list[Variant]:
         except ConfigError as error:
             raise ConfigError(str(error)) from None
         out.append(Variant(name, overrides, variant_cfg))
+    _refuse_repeats(out, where)
     return out
+
+
+def _refuse_repeats(found: list[Variant], where: str) -> None:
+    """Two variants that resolve to the same settings (a seed the base already has, an lr equal to the base's)
+    would train one unit twice and pool the copies as two seeds: a spread near zero, an interval too narrow."""
+    seen: dict[tuple, str] = {}
+    for variant in found:
+        full = variant.cfg.to_dict()
+        settings = tuple(full[key.split(".")[0]][key.split(".")[1]] for key in SWEEPABLE)
+        settings = tuple(tuple(v) if isinstance(v, list) else v for v in settings)
+        if settings in seen:
+            raise ConfigError(f"{where}: variants {seen[settings]!r} and {variant.name!r} resolve to the same "
+                              f"settings (seed {variant.cfg.train.seed}): the same unit would train twice and count "
+                              "as two seeds; drop one")
+        seen[settings] = variant.name
 
 
 def units(tasks: list, variant_list: list[Variant]) -> list[Unit]:

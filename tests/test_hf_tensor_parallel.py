@@ -11,7 +11,7 @@ import torch
 from ptuning.config import ModelConfig
 from ptuning.models import ModelError, load_backbone
 from ptuning.parallel import ParallelContext
-from ptuning.results import load_tensors
+from ptuning.files import load_tensors
 from ptuning.store import RunStore
 from tests.conftest import REPO
 from tests.ranks import spawn

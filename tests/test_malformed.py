@@ -173,7 +173,7 @@ def test_a_saved_encoder_of_another_shape_is_named(trained, tiny_gpt2, lama, tmp
     shutil.copytree(trained, folder)
     args = ["--set", f"model.name={tiny_gpt2}", "--relations", "P36", "--data-dir", str(lama), "--out",
             str(folder), *SMALL, "--only-evaluate"]
-    from ptuning.results import load_tensors, save_tensors
+    from ptuning.files import load_tensors, save_tensors
 
     path = RunStore(folder).encoder_path("P36")
     save_tensors(path, {k: v[..., :-1] for k, v in load_tensors(path).items()})

@@ -17,7 +17,7 @@ from model_parallel.release import N_PARTS, PART, ReleaseError, read_spec, split
 from ptuning.backbone import Layout
 from ptuning.config import ModelConfig
 from ptuning.models import ModelError, load_backbone
-from ptuning.results import load_tensors
+from ptuning.files import load_tensors
 from ptuning.store import RunStore
 from tests.conftest import REPO
 from tests.megatron_fixture import SPEC, write_release

@@ -10,7 +10,7 @@ import torch
 from launcher.distributed import choose_device
 from launcher.run import main
 from ptuning.config import ConfigError
-from ptuning.results import load_tensors
+from ptuning.files import load_tensors
 from tests.conftest import REPO, free_port
 from tests.ranks import spawn
 

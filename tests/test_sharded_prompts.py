@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptuning.results import load_tensors
+from ptuning.files import load_tensors
 from ptuning.store import RunStore
 from tests.conftest import REPO, free_port
 from tests.ranks import spawn

@@ -11,7 +11,7 @@ import torch
 from launcher.run import main
 from ptuning import stats
 from ptuning.config import ConfigError, load_config
-from ptuning.results import load_tensors
+from ptuning.files import load_tensors
 from ptuning.store import RunStore
 from ptuning.units import variants
 from tests.ranks import spawn

@@ -6,7 +6,7 @@ import torch
 
 from ptuning.config import load_config
 from ptuning.experiment import run_experiment
-from ptuning.results import load_tensors
+from ptuning.files import load_tensors
 from ptuning.store import RunStore
 
 RELATIONS = "P1376,P36,P37"
