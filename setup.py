@@ -1,10 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="ptuning-lama",
     version="0.1.0",
     description="P-tuning (continuous prompts) on the LAMA knowledge probe, from a laptop to MegatronLM-11B.",
-    packages=["ptuning", "launcher", "model_parallel"],
+    packages=find_packages(include=["ptuning", "ptuning.*", "launcher", "model_parallel"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -17,7 +17,7 @@ import torch
 
 from common import trainer_and_tasks
 from ptuning.config import config_from_dict
-from ptuning.store import RunStore
+from ptuning.output.store import RunStore
 
 RELATIONS = "P1376,P36,P37,P103,P176,P138,P178,P463"
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ptuning.config import ExperimentConfig
-from ptuning.data import find_layout, read_relation_infos
+from ptuning.data.lama import find_layout, read_relation_infos
 from ptuning.experiment import answer_vocab
-from ptuning.models import load_backbone
-from ptuning.tasks import RelationTask, prepare_task, read_relation
-from ptuning.trainer import Trainer
+from ptuning.model.loading import load_backbone
+from ptuning.data.tasks import RelationTask, prepare_task, read_relation
+from ptuning.train.trainer import Trainer
 
 
 def trainer_and_tasks(cfg: ExperimentConfig, data_dir: str, relations: list[str]) -> tuple[Trainer, list[RelationTask]]:

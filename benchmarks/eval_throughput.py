@@ -16,7 +16,7 @@ import torch
 
 from common import trainer_and_tasks
 from ptuning.config import load_config
-from ptuning.data import find_layout, select_relations
+from ptuning.data.lama import find_layout, select_relations
 
 
 def main() -> None:

@@ -38,22 +38,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from model_parallel.backbone import MegatronBackbone  # noqa: E402
-from model_parallel.model import random_megatron  # noqa: E402
+from ptuning.model.megatron import MegatronBackbone  # noqa: E402
+from model_parallel.megatron import random_megatron  # noqa: E402
 from model_parallel.release import MegatronSpec  # noqa: E402
-from ptuning import capacity  # noqa: E402
-from ptuning.backbone import HFBackbone  # noqa: E402
-from ptuning.batching import collate  # noqa: E402
+from ptuning.parallel import capacity  # noqa: E402
+from ptuning.model.backbone import HFBackbone  # noqa: E402
+from ptuning.data.batching import collate  # noqa: E402
 from ptuning.config import load_config  # noqa: E402
-from ptuning.encoder_stack import Layout  # noqa: E402
-from ptuning.encoders import PromptEncoder  # noqa: E402
-from ptuning.prompt_bank import EncoderStack, Settings  # noqa: E402
+from ptuning.model.encoder_stack import Layout  # noqa: E402
+from ptuning.model.encoders import PromptEncoder  # noqa: E402
+from ptuning.parallel.prompt_bank import EncoderStack, Settings  # noqa: E402
 from step_profile import PHASES, profile  # noqa: E402
-from ptuning.data import find_layout, read_relation_infos, select_relations  # noqa: E402
-from ptuning.synthetic import bert_tokenizer, gpt2_tokenizer, roberta_tokenizer  # noqa: E402
-from ptuning.tasks import prepare_task, read_relation  # noqa: E402
-from ptuning.trainer import Trainer  # noqa: E402
-from ptuning.vocab import build_answer_vocab  # noqa: E402
+from ptuning.data.lama import find_layout, read_relation_infos, select_relations  # noqa: E402
+from ptuning.data.synthetic import bert_tokenizer, gpt2_tokenizer, roberta_tokenizer  # noqa: E402
+from ptuning.data.tasks import prepare_task, read_relation  # noqa: E402
+from ptuning.train.trainer import Trainer  # noqa: E402
+from ptuning.data.vocab import build_answer_vocab  # noqa: E402
 
 GIB = 2**30
 BATCH = 8  # facts per relation per step, the paper's

@@ -37,7 +37,7 @@ def child(model: str, data_dir: str, relations: str, pack: int, row_tokens: int,
           max_train: int, overrides: list[str]) -> dict:
     from ptuning.config import load_config
     from ptuning.experiment import run_experiment
-    from ptuning.trainer import Trainer
+    from ptuning.train.trainer import Trainer
 
     cfg = load_config(None, [f"model.name={model}", f"data.relations={relations}", f"data.max_train={max_train}",
                              "data.max_dev=48", "data.max_test=64", f"train.max_epochs={epochs}",

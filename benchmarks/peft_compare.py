@@ -68,8 +68,8 @@ def run_ours(relation: str, data_dir: str, batch: int, steps: int, seed: int) ->
 def run_peft(relation: str, data_dir: str, batch: int, steps: int, seed: int) -> dict:
     from peft import PromptEncoderConfig, TaskType, get_peft_model
 
-    from ptuning.metrics import restricted_ranks, summarize_ranks
-    from ptuning.vocab import encode_in_context
+    from ptuning.model.metrics import restricted_ranks, summarize_ranks
+    from ptuning.data.vocab import encode_in_context
 
     trainer, task = setup(relation, data_dir, batch, seed)
     cfg, backbone = trainer.cfg, trainer.backbone

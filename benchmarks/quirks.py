@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ptuning import stats  # noqa: E402
-from ptuning.compare import entries  # noqa: E402
-from ptuning.units import name_of  # noqa: E402
+from ptuning.output import stats  # noqa: E402
+from ptuning.output.compare import entries  # noqa: E402
+from ptuning.config.sweep import name_of  # noqa: E402
 
 RELATIONS = "P1001,P103,P1376,P138,P176,P36,P37,P407"
 BUDGET = ["data.max_train=96", "data.max_dev=48", "data.max_test=200", "train.max_epochs=5", "train.patience=5",

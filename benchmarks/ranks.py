@@ -28,7 +28,7 @@ def tiny_model(folder: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ptuning.config import ModelConfig
-    from ptuning.models import load_backbone
+    from ptuning.model.loading import load_backbone
 
     tokenizer = load_backbone(ModelConfig(name="smollm2-135m")).tokenizer
     torch.manual_seed(0)

@@ -85,10 +85,10 @@ def profile(trainer, runs, batch: int = 8, reps: int = 3) -> dict:
 
 def main() -> None:
     from common import trainer_and_tasks
-    from ptuning.backbone import backbone_dtype
+    from ptuning.model.backbone import backbone_dtype
     from ptuning.config import load_config
-    from ptuning.data import find_layout, select_relations
-    from ptuning.units import units, variants
+    from ptuning.data.lama import find_layout, select_relations
+    from ptuning.config.sweep import units, variants
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")

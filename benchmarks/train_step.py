@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from common import trainer_and_tasks
-from ptuning.batching import collate
+from ptuning.data.batching import collate
 from ptuning.config import load_config
-from ptuning.data import resolve_data_dir
+from ptuning.data.lama import resolve_data_dir
 
 
 def timed(fn) -> float:

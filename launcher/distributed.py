@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ptuning.config import ConfigError
-from ptuning.parallel import ParallelContext
+from ptuning.parallel.context import ParallelContext
 
 # Data-parallel groups finish their relations at different times and wait for the others at the end.
 GROUP_TIMEOUT = datetime.timedelta(hours=72)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from launcher.distributed import init_parallel, shutdown
 from ptuning.config import ExperimentConfig, load_config
-from ptuning.data import resolve_data_dir
+from ptuning.data.lama import resolve_data_dir
 from ptuning.experiment import USER_ERRORS, RelationFailure, Stopped, run_experiment
 STOPPED = 143  # 128 + SIGTERM: stopped on request, relations checkpointed; the same command resumes
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown()
     if payload is not None:
-        from ptuning.results import render_markdown
+        from ptuning.output.results import render_markdown
 
         print(render_markdown(payload))
         print(f"results: {cfg.output.dir}/results.json, {cfg.output.dir}/results.md")

@@ -32,14 +32,14 @@ from pathlib import Path
 from launcher.run import USER_ERRORS, config_from_args
 from launcher.run import parse_args as parse_run_args
 from ptuning.config import ConfigError
-from ptuning.data import find_layout, read_facts, resolve_data_dir, select_relations
-from ptuning.parallel import balance
+from ptuning.data.lama import find_layout, read_facts, resolve_data_dir, select_relations
+from ptuning.parallel.context import balance
 from ptuning.config import config_from_dict
-from ptuning.coordinator import Coordinator
+from ptuning.output.coordinator import Coordinator
 from ptuning.files import atomic_write_text
-from ptuning.results import header_of, render_markdown
-from ptuning.store import RunStore
-from ptuning.units import variants
+from ptuning.output.results import header_of, render_markdown
+from ptuning.output.store import RunStore
+from ptuning.config.sweep import variants
 
 REPO = Path(__file__).resolve().parents[1]
 # Per rank: a GPU rank needs a few cores (its main thread, NCCL and gloo threads, tokenizing) and host memory to

@@ -1,8 +1,8 @@
 """One experiment end to end: data, model, answer vocabulary, manual baseline, P-tuning, results on disk.
 
-Every rank runs this. The units (each relation under each sweep variant, ptuning/units.py) are cut into packs and
+Every rank runs this. The units (each relation under each sweep variant, ptuning/config/sweep.py) are cut into packs and
 the packs spread over the data-parallel groups by their training work; each unit's writer rank records it in the
-output folder (ptuning/store.py), and the coordinator (rank 0) folds those records into results.json, results.md
+output folder (ptuning/output/store.py), and the coordinator (rank 0) folds those records into results.json, results.md
 and W&B as they land. One process is the special case of one group. Knows nothing of how it was launched:
 launcher/run.py parses the command line, makes the process groups and calls run_experiment.
 """
@@ -15,21 +15,21 @@ from typing import Any
 
 
 from ptuning.config import ConfigError, ExperimentConfig
-from ptuning.coordinator import Coordinator
-from ptuning.data import (DataError, LamaLayout, check_subset, check_subset_task, describe, find_layout,
+from ptuning.output.coordinator import Coordinator
+from ptuning.data.lama import (DataError, LamaLayout, check_subset, check_subset_task, describe, find_layout,
                           read_relation_infos, read_vocab_words, select_relations)
 from ptuning.files import one_line
-from ptuning.models import ModelError, load_backbone, resolve_device, resolve_dtype
-from ptuning.parallel import ParallelContext, assign_packs, set_compute
-from ptuning.progress import Progress
-from ptuning.store import RunStore
-from ptuning.templates import TemplateError
-from ptuning.tasks import RelationTask, prepare_task, read_relation
-from ptuning.trainer import Trainer, UnitOutcome, UnitRun
-from ptuning.units import Unit, units, variants
-from ptuning.vocab import AnswerVocab, build_answer_vocab, default_vocab_key
-from ptuning.metrics import summarize_ranks
-from ptuning.wandb_log import WandbLogger
+from ptuning.model.loading import ModelError, load_backbone, resolve_device, resolve_dtype
+from ptuning.parallel.context import ParallelContext, assign_packs, set_compute
+from ptuning.output.progress import Progress
+from ptuning.output.store import RunStore
+from ptuning.data.templates import TemplateError
+from ptuning.data.tasks import RelationTask, prepare_task, read_relation
+from ptuning.train.trainer import Trainer, UnitOutcome, UnitRun
+from ptuning.config.sweep import Unit, units, variants
+from ptuning.data.vocab import AnswerVocab, build_answer_vocab, default_vocab_key
+from ptuning.model.metrics import summarize_ranks
+from ptuning.output.wandb_log import WandbLogger
 
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)  # one line and exit status 2 (launcher/run.py)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptuning.synthetic import bert_tokenizer, gpt2_tokenizer, roberta_tokenizer
+from ptuning.data.synthetic import bert_tokenizer, gpt2_tokenizer, roberta_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RELATIONS = ["P1376", "P36", "P37"]  # small relations: 248/62/234, 416/104/703, 248/62/966 facts

@@ -8,11 +8,11 @@ import torch
 
 from launcher.distributed import init_parallel, shutdown
 from ptuning.config import load_config
-from ptuning.data import find_layout, read_relation_infos
-from ptuning.models import load_backbone
-from ptuning.tasks import prepare_task, read_relation
-from ptuning.trainer import Trainer
-from ptuning.vocab import build_answer_vocab
+from ptuning.data.lama import find_layout, read_relation_infos
+from ptuning.model.loading import load_backbone
+from ptuning.data.tasks import prepare_task, read_relation
+from ptuning.train.trainer import Trainer
+from ptuning.data.vocab import build_answer_vocab
 
 model, lama, out = sys.argv[1:4]
 parallel = init_parallel(solo_groups=True, device="cpu")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from model_parallel.release import N_PARTS, PART, MegatronSpec, split_dim
-from model_parallel.model import MegatronLM
+from model_parallel.megatron import MegatronLM
 
 SPEC = MegatronSpec(layers=2, hidden=64, ffn=256, heads=8, vocab_size=512, max_positions=128)
 ARGS = argparse.Namespace(arch="transformer_lm_megatron_11b", decoder_layers=2, decoder_embed_dim=64,

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 
 from launcher.distributed import init_parallel
-from ptuning.backbone import Layout
+from ptuning.model.backbone import Layout
 from ptuning.config import ModelConfig
-from ptuning.models import load_backbone
+from ptuning.model.loading import load_backbone
 
 folder, tokenizer, out = sys.argv[1:4]
 ctx = init_parallel(int(os.environ["WORLD_SIZE"]))

@@ -5,7 +5,9 @@ does anything: 3-6 s of CPU each, most of the suite's time on two cores. Here on
 once (and runs no torch op, so no thread pool exists to break a fork), then forks each process a test asks for:
 ranks with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and
 real gloo process groups, or a plain process without it. Each runs a script as __main__ with its arguments, its
-output in files of its own. As torchrun does, when one rank fails the others are stopped.
+output in files of its own, in the server's environment (as it was when the server started) plus its job's, with
+its own thread count (OMP_NUM_THREADS, default 1). As torchrun does, when one rank fails the others are stopped;
+when the server dies, its processes die too.
 
 Tests whose subject is a launcher (torchrun, the deepspeed launcher, SLURM, signals that a launcher forwards)
 start that launcher; the others use this.
@@ -30,8 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WARM = ("torch", "torch.distributed", "transformers", "safetensors.torch", "megatron.core.tensor_parallel",
-        "megatron.core.parallel_state", "ptuning.experiment", "ptuning.models", "ptuning.compare",
-        "model_parallel.backbone", "model_parallel.merge", "launcher.run", "launcher.distributed", "wandb",
+        "megatron.core.parallel_state", "ptuning.experiment", "ptuning.model.loading", "ptuning.compare",
+        "ptuning.model.megatron", "model_parallel.merge", "launcher.run", "launcher.distributed", "wandb",
         "deepspeed", "matplotlib.pyplot")
 
 
@@ -59,16 +61,23 @@ def _child(job: dict, rank: int, port: int, out: str, err: str) -> None:
     code = 1
     try:
         os.setpgid(0, 0)  # a group of its own: a test can signal it and whatever it starts
+        _die_with_parent()
         os.environ.update(job["env"])
         if job["nproc"]:
             n = job["nproc"]
             os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         os.chdir(job["cwd"])
-        for fd, path in ((1, out), (2, err)):
-            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                (2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+            handle = os.open(path, flags, 0o644)  # stdin: not the server's job pipe
             os.dup2(handle, fd)
             os.close(handle)
+        sys.stdout.reconfigure(line_buffering=True)  # what a killed rank printed is in its file
+        import torch
+
+        # the thread pools read OMP_NUM_THREADS when torch loaded, in the server: set this process's own count
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
         sys.argv = list(job["argv"])
         if job["module"]:
             runpy.run_module(job["argv"][0], run_name="__main__", alter_sys=True)
@@ -78,6 +87,8 @@ def _child(job: dict, rank: int, port: int, out: str, err: str) -> None:
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)  # as the interpreter does with sys.exit("message")
     except BaseException:  # noqa: BLE001 - reported in the process's stderr, as an interpreter would
         traceback.print_exc()
     finally:
@@ -86,6 +97,16 @@ def _child(job: dict, rank: int, port: int, out: str, err: str) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """A rank whose server dies (Ctrl-C in pytest, a killed server) is killed too, not left hanging in gloo."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _run(job: dict) -> dict:
@@ -151,7 +172,8 @@ def _connect() -> subprocess.Popen:
     global _server
     if _server is None or _server.poll() is not None:
         # the server imports warm with one thread; the ranks it forks read OMP_NUM_THREADS from their job
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": "1"}  # the server's own imports; each process sets its count from its job
         log = tempfile.TemporaryFile(mode="w+")  # the server's own warnings; shown if it does not start
         _server = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO)

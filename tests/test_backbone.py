@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from ptuning.backbone import Layout
+from ptuning.model.backbone import Layout
 from ptuning.config import ModelConfig
-from ptuning.models import load_backbone
+from ptuning.model.loading import load_backbone
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_roberta", "tiny_gpt2"])
@@ -73,7 +73,7 @@ def test_kind_detection(tiny_bert, tiny_gpt2):
 
 
 def test_unloadable_model_is_a_clear_error(tmp_path):
-    from ptuning.models import ModelError
+    from ptuning.model.loading import ModelError
 
     with pytest.raises(ModelError, match="has no config.json"):
         load_backbone(ModelConfig(name=str(tmp_path)))
@@ -129,7 +129,7 @@ def test_a_head_that_does_not_split_falls_back_to_the_full_forward(tiny_gpt2, tm
 
 
 def _facts(n: int, lengths: list[int], backbone) -> list:
-    from ptuning.templates import Row
+    from ptuning.data.templates import Row
 
     torch.manual_seed(n)
     last = {"causal": lambda k: k - 1, "masked": lambda k: k // 2}[backbone.kind]
@@ -137,7 +137,7 @@ def _facts(n: int, lengths: list[int], backbone) -> list:
 
 
 def _scores_and_grads(backbone, rows, row_tokens: int):
-    from ptuning.batching import collate
+    from ptuning.data.batching import collate
 
     batch = collate(rows, [0] * len(rows), [0], backbone.pad_id, backbone.padding_side, row_tokens,
                     backbone.device)
@@ -175,7 +175,7 @@ def test_attention_that_takes_no_4d_mask_keeps_one_fact_per_row(tiny_gpt2, tmp_p
     """flex attention takes a block mask, not our 4D mask: the backbone says it cannot share rows."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ptuning.backbone import HFBackbone
+    from ptuning.model.backbone import HFBackbone
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

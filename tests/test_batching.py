@@ -1,8 +1,8 @@
 """Batching: facts laid out in shared rows (first fit, longest first) and length-bucketed chunks."""
 import torch
 
-from ptuning.batching import collate, fill_rows, first_fit, length_buckets
-from ptuning.templates import Row
+from ptuning.data.batching import collate, fill_rows, first_fit, length_buckets
+from ptuning.data.templates import Row
 
 
 def row(n: int, target: int, label: int = 0, pseudo: tuple[int, ...] | None = None) -> Row:

@@ -1,6 +1,6 @@
 import pytest
 
-from ptuning.data import (DataError, find_layout, read_facts, read_relation_infos, read_vocab_words,
+from ptuning.data.lama import (DataError, find_layout, read_facts, read_relation_infos, read_vocab_words,
                           select_relations)
 
 

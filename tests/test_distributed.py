@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from ptuning.config import ConfigError, load_config
-from ptuning.parallel import assign_packs, balance
-from ptuning.store import RunStore
+from ptuning.parallel.context import assign_packs, balance
+from ptuning.output.store import RunStore
 from tests.conftest import REPO, free_port
 from tests.ranks import spawn
 from tests.wandb_records import read_run

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ptuning.encoders import PromptEncoder
+from ptuning.model.encoders import PromptEncoder
 
 
 @pytest.mark.parametrize("kind", ["lstm", "mlp", "none"])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ptuning import fetch
-from ptuning.data import find_layout, main, read_facts, select_relations
+from ptuning.data import fetch
+from ptuning.data.lama import find_layout, main, read_facts, select_relations
 
 
 def build_archive(lama: Path) -> bytes:
@@ -75,6 +75,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+class Chunked(Handler):
+    """No length announced: chunked transfer, cut in the middle of a chunk."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"100000\r\n" + self.server.data[:1000])
+        self.close_connection = True
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +160,11 @@ def test_the_shipped_checksums_cover_every_split_file(lama):
     files = {f"{p.parent.name}/{p.stem}" for p in (lama / "fact-retrieval" / "original").glob("P*/*.jsonl")}
     assert set(table["splits"]) == files and len(files) == 123
     assert set(table["vocab"]) == set(fetch.VOCABS)
+
+
+def test_a_chunked_transfer_cut_midway_is_one_line(archive, tmp_path, capsys):
+    server = Archive(archive)
+    server.RequestHandlerClass = Chunked
+    assert main(["fetch", "--dest", str(tmp_path / "lama"), "--url", server.url, "--skip-checksums"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "the transfer stopped after 0 bytes (IncompleteRead)" in error, error

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ptuning.config import ModelConfig
-from ptuning.models import ModelError, load_backbone
-from ptuning.parallel import ParallelContext
+from ptuning.model.loading import ModelError, load_backbone
+from ptuning.parallel.context import ParallelContext
 from ptuning.files import load_tensors
-from ptuning.store import RunStore
+from ptuning.output.store import RunStore
 from tests.conftest import REPO
 from tests.ranks import spawn
 

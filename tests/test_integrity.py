@@ -22,7 +22,7 @@ import torch
 from launcher.run import main
 from ptuning.config import ConfigError, config_from_dict
 from ptuning.files import file_mode
-from ptuning.store import RunStore
+from ptuning.output.store import RunStore
 
 RELATIONS = "P1376,P36,P37"
 
@@ -49,7 +49,7 @@ def mount(path: Path, *options: str) -> bool:
 
 
 def unmount(path: Path) -> None:
-    subprocess.run(["umount", str(path)], capture_output=True)
+    subprocess.run(["umount", "--lazy", str(path)], capture_output=True)  # the run.lock may still be open here
 
 
 def figures(out: Path) -> dict:

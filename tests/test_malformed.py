@@ -15,7 +15,7 @@ import torch
 
 from launcher.run import main
 from ptuning.config import load_config
-from ptuning.store import RunStore
+from ptuning.output.store import RunStore
 from tests.conftest import REPO
 
 SMALL = ["--set", "data.max_train=16", "--set", "data.max_dev=8", "--set", "data.max_test=8", "--set",
@@ -40,11 +40,11 @@ def _json(path: Path, edit) -> None:
 @pytest.fixture(scope="module")
 def trained(tiny_gpt2, lama, tmp_path_factory) -> Path:
     """A finished folder (P36) plus a real mid-training checkpoint of P37, as a stop would leave it."""
-    from ptuning.data import find_layout, read_relation_infos
-    from ptuning.models import load_backbone
-    from ptuning.tasks import prepare_task, read_relation
-    from ptuning.trainer import Trainer
-    from ptuning.vocab import build_answer_vocab
+    from ptuning.data.lama import find_layout, read_relation_infos
+    from ptuning.model.loading import load_backbone
+    from ptuning.data.tasks import prepare_task, read_relation
+    from ptuning.train.trainer import Trainer
+    from ptuning.data.vocab import build_answer_vocab
 
     out = tmp_path_factory.mktemp("trained")
     assert main(["--set", f"model.name={tiny_gpt2}", "--relations", "P36", "--data-dir", str(lama), "--out",
@@ -183,7 +183,7 @@ def test_a_saved_encoder_of_another_shape_is_named(trained, tiny_gpt2, lama, tmp
 
 def test_a_second_job_on_the_same_folder_stops_naming_the_first(tiny_gpt2, lama, tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from ptuning.store import RunStore; "
+        "import sys, time; from ptuning.output.store import RunStore; "
         f"RunStore({str(tmp_path)!r}).lock('pid 4242 on node7, SLURM job 99'); print('held', flush=True); "
         "time.sleep(60)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -1,6 +1,6 @@
 import torch
 
-from ptuning.metrics import restricted_ranks, summarize_ranks
+from ptuning.model.metrics import restricted_ranks, summarize_ranks
 
 
 def test_ranks_respect_the_allowed_vocabulary():

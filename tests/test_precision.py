@@ -5,11 +5,11 @@ import json
 import torch
 
 from ptuning.config import load_config
-from ptuning.encoder_stack import Layout
+from ptuning.model.encoder_stack import Layout
 from ptuning.experiment import run_experiment
-from ptuning.parallel import ParallelContext
-from ptuning.precision import LossScaler
-from ptuning.prompt_bank import PromptBank, Settings
+from ptuning.parallel.context import ParallelContext
+from ptuning.train.precision import LossScaler
+from ptuning.parallel.prompt_bank import PromptBank, Settings
 from tests.test_prompt_bank import HIDDEN, N_PSEUDO, assert_close_relative, encoders
 
 

@@ -3,9 +3,9 @@ floats do not depend on its stack; a unit's slice moves between stacks exactly."
 import pytest
 import torch
 
-from ptuning.encoder_stack import Layout, vectors
-from ptuning.encoders import PromptEncoder
-from ptuning.prompt_bank import EncoderStack, Settings
+from ptuning.model.encoder_stack import Layout, vectors
+from ptuning.model.encoders import PromptEncoder
+from ptuning.parallel.prompt_bank import EncoderStack, Settings
 
 N_PSEUDO, HIDDEN = 9, 32
 
@@ -158,3 +158,13 @@ def test_a_checkpoint_of_torch_adam_from_before_the_bank_resumes():
     for name, p in encoder.named_parameters():
         assert torch.equal(moments["exp_avg"][name], opt.state[p]["exp_avg"])
     assert moments["step"] == 1
+
+
+def test_a_row_leaves_while_a_graph_of_the_old_stack_is_alive():
+    """A unit that stops leaves its stack even if something still holds an earlier step's graph: the next
+    forward and backward see the smaller stack."""
+    stack = stack_of(encoders("lstm", 3))
+    kept = stack(training=True)  # a graph over 3 rows, still referenced
+    stack.remove(1)
+    stack(training=True).sum().backward()
+    assert stack.rows.grad.shape == (2, stack.layout.size) and kept.shape[0] == 3

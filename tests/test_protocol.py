@@ -7,13 +7,13 @@ import torch
 from transformers import AutoTokenizer
 
 from ptuning.config import QUIRKS, ConfigError, load_config
-from ptuning.data import find_layout, read_relation_infos
+from ptuning.data.lama import find_layout, read_relation_infos
 from ptuning.experiment import run_experiment
-from ptuning.models import load_backbone
-from ptuning.tasks import prepare_task, read_relation
-from ptuning.templates import ManualTemplate, PTuningTemplate
-from ptuning.trainer import Trainer
-from ptuning.vocab import build_answer_vocab
+from ptuning.model.loading import load_backbone
+from ptuning.data.tasks import prepare_task, read_relation
+from ptuning.data.templates import ManualTemplate, PTuningTemplate
+from ptuning.train.trainer import Trainer
+from ptuning.data.vocab import build_answer_vocab
 
 BORN = "[X] was born in [Y] ."
 
@@ -40,7 +40,7 @@ def test_reference_sets_every_quirk_and_each_can_be_set_alone(tmp_path):
 def test_the_lms_dropout_ties_a_unit_to_its_pack_and_says_so():
     """The frozen LM's dropout (lm_dropout) draws from the process's generator, unlike the encoders' own: the
     deterministic mode refuses it, and a folder made under it resumes only with the same packs."""
-    from ptuning.store import identity
+    from ptuning.output.store import identity
 
     with pytest.raises(ConfigError, match="protocol.lm_dropout draws the frozen LM's dropout masks"):
         load_config(None, ["protocol.lm_dropout=true", "parallel.deterministic=true", "train.pack_units=1",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ptuning.config import load_config
-from ptuning.data import QUICKSTART, DataError, find_layout, select_relations
+from ptuning.data.lama import QUICKSTART, DataError, find_layout, select_relations
 from ptuning.experiment import run_experiment
 from tests.conftest import REPO
 from tests.ranks import spawn

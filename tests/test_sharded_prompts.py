@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ptuning.files import load_tensors
-from ptuning.store import RunStore
+from ptuning.output.store import RunStore
 from tests.conftest import REPO, free_port
 from tests.ranks import spawn
 from tests.test_megatron import merged, release  # noqa: F401  (module fixtures)

@@ -14,7 +14,7 @@ import pytest
 
 from launcher.slurm import deepspeed_node_command, parse_args, render_script
 from launcher.slurm import main as slurm_main
-from ptuning.store import RunStore
+from ptuning.output.store import RunStore
 from tests import slurm_cluster
 from tests.conftest import REPO
 

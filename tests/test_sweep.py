@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from launcher.run import main
-from ptuning import stats
+from ptuning.output import stats
 from ptuning.config import ConfigError, load_config
 from ptuning.files import load_tensors
-from ptuning.store import RunStore
-from ptuning.units import variants
+from ptuning.output.store import RunStore
+from ptuning.config.sweep import variants
 from tests.ranks import spawn
 from tests.wandb_records import read_run
 

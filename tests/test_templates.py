@@ -2,7 +2,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from ptuning.templates import ManualTemplate, PTuningTemplate, TemplateError, split_manual
+from ptuning.data.templates import ManualTemplate, PTuningTemplate, TemplateError, split_manual
 
 BORN = "[X] was born in [Y] ."
 

@@ -7,7 +7,7 @@ import torch
 from ptuning.config import load_config
 from ptuning.experiment import run_experiment
 from ptuning.files import load_tensors
-from ptuning.store import RunStore
+from ptuning.output.store import RunStore
 
 RELATIONS = "P1376,P36,P37"
 
@@ -87,11 +87,11 @@ def test_lm_finetuning_modes_train_each_relation_from_the_same_weights(mode, tin
 def test_length_buckets_and_shared_rows_leave_the_gradients_unchanged(fixture, lama, request):
     """A packed step through length-sorted chunks of 5 facts, with facts sharing rows of 32 tokens, gives each
     encoder the gradient of one batch of padded rows, one fact each."""
-    from ptuning.data import find_layout, read_relation_infos
-    from ptuning.models import load_backbone
-    from ptuning.tasks import prepare_task, read_relation
-    from ptuning.trainer import Trainer
-    from ptuning.vocab import build_answer_vocab
+    from ptuning.data.lama import find_layout, read_relation_infos
+    from ptuning.model.loading import load_backbone
+    from ptuning.data.tasks import prepare_task, read_relation
+    from ptuning.train.trainer import Trainer
+    from ptuning.data.vocab import build_answer_vocab
 
     model = request.getfixturevalue(fixture)
     grads = {}

@@ -3,9 +3,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from ptuning.config import DataConfig
-from ptuning.data import find_layout, read_relation_infos, select_relations
-from ptuning.tasks import prepare_task, read_relation
-from ptuning.vocab import build_answer_vocab, default_vocab_key, encode_in_context
+from ptuning.data.lama import find_layout, read_relation_infos, select_relations
+from ptuning.data.tasks import prepare_task, read_relation
+from ptuning.data.vocab import build_answer_vocab, default_vocab_key, encode_in_context
 
 
 def test_wordpiece_has_no_space_marker(tiny_bert):
@@ -59,7 +59,7 @@ def test_smollm2_tokenizer_convention():
     import importlib.util
     from pathlib import Path
 
-    from ptuning.models import PACKAGED_GGUF
+    from ptuning.model.loading import PACKAGED_GGUF
 
     package, filename, _ = PACKAGED_GGUF["smollm2-135m"]
     folder = Path(importlib.util.find_spec(package).origin).parent

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ptuning.config import ExperimentConfig
-from ptuning.parallel import ParallelContext
+from ptuning.parallel.context import ParallelContext
 
 
 class LMTuning:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ptuning.parallel import ParallelContext
+from ptuning.parallel.context import ParallelContext
 
 
 class LossScaler:

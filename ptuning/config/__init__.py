@@ -170,7 +170,7 @@ class ExperimentConfig:
     # A DeepSpeed config (zero_optimization, bf16, fp16, ...). When present, the LM fine-tuning modes put their
     # trainable parameters through deepspeed.initialize; prompt-only runs keep the plain per-relation Adam.
     deepspeed: dict | None = None
-    # Variants of the settings that belong to one prompt encoder, trained together as units (ptuning/units.py):
+    # Variants of the settings that belong to one prompt encoder, trained together as units (ptuning/config/sweep.py):
     # {"variants": [{"train.lr": 1e-3}, ...], "grid": {"train.seed": [34, 35, 36]}}: every variant with every
     # combination of the grid. None: the run's own settings, one variant.
     sweep: dict | None = None
@@ -260,7 +260,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentC
                 raise ConfigError(f"{source}: deepspeed: expected an object (a DeepSpeed config)")
             sections[name] = values
             continue
-        if name == "sweep":  # checked whole below, against the settings it varies (ptuning/units.py)
+        if name == "sweep":  # checked whole below, against the settings it varies (ptuning/config/sweep.py)
             sections[name] = values
             continue
         sections[name] = _build_section(_section_class(name), values, f"{source}: {name}")
@@ -268,7 +268,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentC
     _check(config, source)
     _resolve_protocol(config, source)
     if config.sweep is not None:
-        from ptuning.units import variants  # every variant's settings checked now, before anything runs
+        from ptuning.config.sweep import variants  # every variant's settings checked now, before anything runs
 
         variants(config, source)
     return config
@@ -369,7 +369,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), sweep: list[
             raise ConfigError(f"{source}: {section}: expected an object of keys, got {raw[section]!r}")
         raw[section][key] = value
     if sweep:
-        from ptuning.units import parse_axis
+        from ptuning.config.sweep import parse_axis
 
         if not isinstance(raw.setdefault("sweep", {}) or {}, dict):
             raise ConfigError(f"{source}: sweep: expected an object with 'variants' and/or 'grid'")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptuning.data import VOCAB_NAMES, LamaLayout, read_vocab_words
+from ptuning.data.lama import VOCAB_NAMES, LamaLayout, read_vocab_words
 
 VOCAB_KEYS = ("bert-base-cased", "bert-large-cased", "roberta-large", "gpt2-xl")
 _ANCHOR = "a"  # a word that every tokenizer has; what follows it is encoded as mid-sentence text

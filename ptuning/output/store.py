@@ -1,6 +1,6 @@
 """The output folder, the only channel between the ranks that train and the coordinator that reports.
 
-Each unit (ptuning/units.py) has a folder under relations/ named by its id: relations/<P>/ without a sweep,
+Each unit (ptuning/config/sweep.py) has a folder under relations/ named by its id: relations/<P>/ without a sweep,
 relations/<P>/<variant>/ in one. The relation's own record (its manual baseline) is relations/<P>/result.json,
 which without a sweep is also its one unit's.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from ptuning.files import DataError
 
 ARCHIVE_URL = "https://zenodo.org/records/5578210/files/P-tune_LAMA.tar.gz?download=1"
 ARCHIVE = "P-tune_LAMA.tar.gz"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHECKSUMS = REPO / "data" / "lama_checksums.json"
 DEFAULT_DEST = REPO / "data" / "lama"
 EXPECTED_RECORDS = {"train": 29_029, "dev": 7_255, "test": 34_039}
@@ -111,7 +112,7 @@ def download(url: str, part: Path, show_progress: bool = True) -> Path:
             os.replace(part, done)
             return done
         raise FetchError(f"{url}: the server answered {error.code} {error.reason}") from None
-    except (URLError, OSError) as error:
+    except (URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         raise FetchError(f"{url}: cannot connect ({reason}); check the network and run the same command") from None
     with response:
@@ -125,10 +126,10 @@ def download(url: str, part: Path, show_progress: bool = True) -> Path:
                 while True:
                     try:
                         chunk = response.read(1 << 20)
-                    except (OSError, ValueError) as error:  # reset, timeout, IncompleteRead
-                        raise FetchError(f"{url}: the transfer stopped at {out.tell():,} of "
-                                         f"{total or 0:,} bytes ({type(error).__name__}); run the same command to "
-                                         "resume") from None
+                    except (OSError, ValueError, http.client.HTTPException) as error:  # reset, timeout, cut
+                        where = f"at {out.tell():,} of {total:,}" if total else f"after {out.tell():,}"
+                        raise FetchError(f"{url}: the transfer stopped {where} bytes ({type(error).__name__}); run "
+                                         "the same command to resume") from None
                     if not chunk:
                         break
                     out.write(chunk)
@@ -235,10 +236,10 @@ def write_subset(config: Path, source: Path, dest: Path) -> None:
     its model's answer-vocabulary filter and data.max_<split>), byte for byte; the relations' templates; the one
     word list of the vocabulary file it uses; SUBSET.json (what the subset holds) and SHA256SUMS."""
     from ptuning.config import load_config
-    from ptuning.data import SPLITS, SUBSET_FILE, VOCAB_FILES, find_layout, read_facts
+    from ptuning.data.lama import SPLITS, SUBSET_FILE, VOCAB_FILES, find_layout, read_facts
     from ptuning.experiment import answer_vocab, vocab_key_of
     from ptuning.files import read_json
-    from ptuning.models import load_backbone
+    from ptuning.model.loading import load_backbone
 
     cfg = load_config(config)
     caps = {"train": cfg.data.max_train, "dev": cfg.data.max_dev, "test": cfg.data.max_test}

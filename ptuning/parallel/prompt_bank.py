@@ -1,7 +1,7 @@
 """The prompt bank: every prompt encoder a rank trains, held as stacks, and where each unit's encoder lives.
 
 A pack's units whose encoders have the same shape (kind, pseudo tokens, hidden) share one `EncoderStack`: their
-parameters are the rows of one [K, P] tensor, and one batched forward and backward (ptuning/encoder_stack.py)
+parameters are the rows of one [K, P] tensor, and one batched forward and backward (ptuning/model/encoder_stack.py)
 serve them all. Adam runs per unit on its row (torch's own fused Adam, so its updates are torch.optim.Adam's with
 L2 weight decay): each unit keeps its learning rate (its ExponentialLR), step count, weight decay, dropout
 generator and, under fp16, loss scale, so a unit's floats do not depend on which others share its stack. A unit
@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch.optim.adam import adam
 
-from ptuning.encoder_stack import Layout, vectors
-from ptuning.encoders import PromptEncoder
-from ptuning.parallel import ParallelContext
+from ptuning.model.encoder_stack import Layout, vectors
+from ptuning.model.encoders import PromptEncoder
+from ptuning.parallel.context import ParallelContext
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the paper's code used them
 
@@ -60,7 +60,9 @@ class EncoderStack(torch.nn.Module):
         self.moments: tuple[torch.Tensor, torch.Tensor] | None = None  # Adam's exp_avg, exp_avg_sq: made at step 1
         # the backward writes the gradient here, step after step: on a CPU a fresh [K, P] tensor costs page faults
         self.grad_buffer: torch.Tensor | None = None
-        self.generators = [torch.Generator(device=device).manual_seed(s.seed) for s in settings]
+        # on the CPU, whatever the device: a generator's state then means the same on a GPU and a CPU, so a unit
+        # resumes on either (the masks are small: drawn here, moved once a step)
+        self.generators = [torch.Generator().manual_seed(s.seed) for s in settings]
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -71,10 +73,9 @@ class EncoderStack(torch.nn.Module):
         mask = None
         if training and self.layout.kind == "lstm" and any(s.dropout > 0 for s in self.settings):
             shape = (self.layout.n_pseudo, self.layout.hidden)
-            mask = torch.stack([
-                (torch.rand(shape, generator=g, device=self.rows.device) >= s.dropout).float() / (1 - s.dropout)
-                if s.dropout > 0 else torch.ones(shape, device=self.rows.device)
-                for s, g in zip(self.settings, self.generators)]).to(self.rows.dtype)
+            mask = torch.stack([(torch.rand(shape, generator=g) >= s.dropout).float() / (1 - s.dropout)
+                                if s.dropout > 0 else torch.ones(shape) for s, g in zip(self.settings, self.generators)])
+            mask = mask.to(self.rows.device, self.rows.dtype)
         grads = None
         if training and torch.is_grad_enabled() and self.rows.grad is None:
             # the backward writes into the last step's gradient tensor; handed over, not shared, so that autograd
@@ -99,6 +100,8 @@ class EncoderStack(torch.nn.Module):
             self.moments = (torch.zeros_like(self.rows), torch.zeros_like(self.rows))
         exp_avg, exp_avg_sq = self.moments
         fused = self.rows.device.type in ("cpu", "cuda")
+        # fp16: every row's scale in one device tensor, one copy a step (a scalar per call would be a sync each)
+        on_device = None if scales is None else torch.tensor(scales).to(grad.device, non_blocking=True)
         calls: dict[tuple, list[int]] = {}  # rows with the same lr, weight decay and scale: one fused kernel
         for i in rows:
             s = self.settings[i]
@@ -106,7 +109,7 @@ class EncoderStack(torch.nn.Module):
         for (lr, weight_decay, scale), group in calls.items():
             adam([self.rows.data[i] for i in group], [grad[i] for i in group], [exp_avg[i] for i in group],
                  [exp_avg_sq[i] for i in group], [], [self.steps[i] for i in group], fused=fused,
-                 grad_scale=None if scale is None else torch.tensor(scale, device=grad.device),
+                 grad_scale=None if on_device is None else on_device[group[0]],
                  amsgrad=False, beta1=BETAS[0], beta2=BETAS[1], lr=lr, weight_decay=weight_decay, eps=EPS,
                  maximize=False)
 
@@ -122,7 +125,8 @@ class EncoderStack(torch.nn.Module):
             for i in range(index, len(self) - 1):
                 tensor[i].copy_(tensor[i + 1])
         keep = len(self) - 1
-        self.rows.data = self.rows.data[:keep]
+        # a new parameter over the same storage: autograd's accumulator of the old one keeps its shape
+        self.rows = torch.nn.Parameter(self.rows.data[:keep])
         self.grad_buffer = None
         if self.moments is not None:
             self.moments = tuple(m[:keep] for m in self.moments)

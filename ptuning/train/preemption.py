@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from ptuning.parallel import ParallelContext
+from ptuning.parallel.context import ParallelContext
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -1,6 +1,6 @@
 """The Megatron-11B backbone: the same seam as HFBackbone (embed, scores at target positions), with logits that
 stay vocab-parallel under tensor parallelism: each rank returns its slice of the vocabulary and a VocabShard
-saying which, and the loss and the restricted ranks reduce across the group without gathering (ptuning/metrics.py).
+saying which, and the loss and the restricted ranks reduce across the group without gathering (ptuning/model/metrics.py).
 
 Where the weights come from:
   the fairseq release (8 parts)   tensor_parallel 8: rank i loads part i as it is, no merge
@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model_parallel.merge import INDEX, read_merged_json, read_merged_spec
-from model_parallel.model import MegatronLM, empty_megatron, load_weights
+from model_parallel.megatron import MegatronLM, empty_megatron, load_weights
 from model_parallel.release import N_PARTS, PART, ReleaseError, load_part, read_spec, split_dim
-from ptuning.backbone import Layout, attention_kernels
+from ptuning.model.backbone import Layout, attention_kernels
 
 DEFAULT_TOKENIZER = "FacebookAI/roberta-large"  # GPT-2 BPE in fairseq dict.txt order: RoBERTa's ids
 

@@ -20,7 +20,7 @@ from ptuning.files import DataError, read_json, read_jsonl
 SPLITS = ("train", "dev", "test")
 VOCAB_FILES = {"shared": "29k-vocab.json", "lama": "34k-vocab.json"}
 VOCAB_NAMES = {"shared": "LAMA-29k", "lama": "LAMA-34k", "original": "full model vocabulary"}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FETCHED = REPO / "data" / "lama"  # where `python -m ptuning.data fetch` (make data) puts the full set
 QUICKSTART = REPO / "data" / "quickstart"  # the facts configs/quickstart.json reads, shipped with the code
 DOWNLOAD_HINT = (
@@ -193,10 +193,10 @@ def read_vocab_words(layout: LamaLayout, strategy: str, key: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m ptuning.data fetch [--dest DIR]: the full LAMA (ptuning/fetch.py)."""
+    """python -m ptuning.data fetch [--dest DIR]: the full LAMA (ptuning/data/fetch.py)."""
     import argparse
 
-    from ptuning import fetch
+    from ptuning.data import fetch
 
     parser = argparse.ArgumentParser(prog="python -m ptuning.data", description="LAMA data for ptuning-lama")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +226,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

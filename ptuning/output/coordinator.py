@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ptuning import stats
+from ptuning.output import stats
 from ptuning.files import WriteError
-from ptuning.progress import Progress
-from ptuning.results import Report, plot_p_at_1
-from ptuning.store import FINAL, RunStore
-from ptuning.units import Variant, unit_id
-from ptuning.wandb_log import WandbLogger
+from ptuning.output.progress import Progress
+from ptuning.output.results import Report, plot_p_at_1
+from ptuning.output.store import FINAL, RunStore
+from ptuning.config.sweep import Variant, unit_id
+from ptuning.output.wandb_log import WandbLogger
 
 
 class Coordinator:

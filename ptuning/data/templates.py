@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ptuning.vocab import encode_in_context
+from ptuning.data.vocab import encode_in_context
 
 
 class TemplateError(ValueError):

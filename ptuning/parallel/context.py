@@ -2,7 +2,7 @@
 
 World = data-parallel groups x tensor-parallel size. Relations are spread over the data-parallel groups (each
 group trains its relations packed); the ranks of one tensor-parallel group hold shards of one model and train the
-same relations, each relation's prompt encoder on one of them (ptuning/prompt_bank.py).
+same relations, each relation's prompt encoder on one of them (ptuning/parallel/prompt_bank.py).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptuning.encoders import PromptEncoder
+from ptuning.model.encoders import PromptEncoder
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ptuning.backbone import HFBackbone
+from ptuning.model.backbone import HFBackbone
 from ptuning.config import ModelConfig
-from ptuning.parallel import ParallelContext
+from ptuning.parallel.context import ParallelContext
 
 PAPER_MODELS = {
     "bert-base-cased": "google-bert/bert-base-cased",
@@ -171,7 +171,7 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
     dtype = DTYPES[resolve_dtype(cfg.dtype, resolve_device(cfg.device))[0]]
     folder = Path(cfg.name).expanduser()
     if folder.is_dir():
-        from model_parallel.backbone import is_merged, is_release, load_megatron
+        from ptuning.model.megatron import is_merged, is_release, load_megatron
         from model_parallel.release import ReleaseError
 
         if is_release(folder) or is_merged(folder):

@@ -1,7 +1,7 @@
-"""One trainer for a set of units trained together (a unit: a relation under one sweep variant, ptuning/units.py).
+"""One trainer for a set of units trained together (a unit: a relation under one sweep variant, ptuning/config/sweep.py).
 
 Each step takes one micro-batch from every active unit, computes every unit's prompt vectors in one batched
-forward of the prompt bank (ptuning/prompt_bank.py: the encoders stacked by shape), fills the rows' pseudo slots
+forward of the prompt bank (ptuning/parallel/prompt_bank.py: the encoders stacked by shape), fills the rows' pseudo slots
 with them, and sends one packed batch through the frozen LM. The loss is the sum of the per-unit means, so each
 encoder gets exactly the gradient it would get alone; one backward and one bank step (Adam per unit) follow. Each
 unit has its own settings (its variant's), learning rate schedule, epoch count, dev evaluation, best state and
@@ -19,22 +19,23 @@ from typing import Any, Callable
 import torch
 from torch.profiler import record_function
 
-from ptuning import capacity
-from ptuning.backbone import HFBackbone, backbone_dtype
-from ptuning.batching import Batch, collate, length_buckets
+from ptuning.parallel import capacity
+from ptuning.model.backbone import HFBackbone, backbone_dtype
+from ptuning.data.batching import Batch, collate, length_buckets
 from ptuning.config import ConfigError, ExperimentConfig
-from ptuning.data import SPLITS
-from ptuning.encoder_stack import Layout
-from ptuning.encoders import PromptEncoder
-from ptuning.finetune import LMTuning
-from ptuning.metrics import cross_entropy, restricted_ranks, summarize_ranks
-from ptuning.parallel import ParallelContext
-from ptuning.precision import LossScaler
-from ptuning.preemption import StopSignal
-from ptuning.prompt_bank import EncoderStack, PromptBank, Settings
-from ptuning.tasks import RelationTask
-from ptuning.templates import ManualTemplate, PTuningTemplate, Row, default_counts
-from ptuning.units import Unit, Variant
+from ptuning.files import DataError
+from ptuning.data.lama import SPLITS
+from ptuning.model.encoder_stack import Layout
+from ptuning.model.encoders import PromptEncoder
+from ptuning.train.finetune import LMTuning
+from ptuning.model.metrics import cross_entropy, restricted_ranks, summarize_ranks
+from ptuning.parallel.context import ParallelContext
+from ptuning.train.precision import LossScaler
+from ptuning.train.preemption import StopSignal
+from ptuning.parallel.prompt_bank import EncoderStack, PromptBank, Settings
+from ptuning.data.tasks import RelationTask
+from ptuning.data.templates import ManualTemplate, PTuningTemplate, Row, default_counts
+from ptuning.config.sweep import Unit, Variant
 
 
 def relation_seed(seed: int, relation: str) -> int:
@@ -307,7 +308,7 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------------------------
     def pack_size(self, units: list[Unit]) -> int:
         """How many units train together: train.pack_units, or with "auto" as many as the device's memory holds
-        (ptuning/capacity.py's arithmetic, for the largest encoder among the units' variants; all of them on a
+        (ptuning/parallel/capacity.py's arithmetic, for the largest encoder among the units' variants; all of them on a
         CPU)."""
         n_tasks = len(units)
         if self.tune_lm:
@@ -449,7 +450,7 @@ class Trainer:
         return state
 
     def checkpoints(self, run: UnitRun) -> bool:
-        """Whether a unit's state can be checkpointed mid-training: not under DeepSpeed (ptuning/finetune.py)."""
+        """Whether a unit's state can be checkpointed mid-training: not under DeepSpeed (ptuning/train/finetune.py)."""
         return run.engine is None
 
     def _load_run_state(self, run: UnitRun, state: dict[str, Any]) -> None:
@@ -464,7 +465,12 @@ class Trainer:
         if self.lm is not None:
             self.lm.load(state["lm"])
             if run.holds:
-                run.optimizer.load_state_dict(state["optimizer"])
+                try:
+                    run.optimizer.load_state_dict(state["optimizer"])
+                except ValueError:  # written before the prompt bank: the encoder's tensors were separate then
+                    raise DataError(f"{uid}: its checkpoint was written by an earlier version (the encoder's "
+                                    "optimizer state no longer fits); delete the checkpoint to restart the unit") \
+                        from None
         if self.scaler is not None and "loss_scale" in state:
             self.scaler.load_state_dict(uid, state["loss_scale"])
 
@@ -492,11 +498,11 @@ class Trainer:
         if self.protocol.lm_dropout and not self.tune_lm:  # the reference's model.train(): the frozen LM's dropout
             self.backbone.dropout(True)
         uids = [r.unit.id for r in runs]
+        if runs[0].engine is not None:  # DeepSpeed: one unit at a time (LM fine-tuning), its own fp16 scaling
+            self.lm.step(runs[0].engine, self.loss(runs))
+            return
         scales = {u: self.scaler.scale(u) for u in uids} if self.scaler is not None else None
         loss = self.loss(runs, scales)
-        if runs[0].engine is not None:  # DeepSpeed: one unit at a time (LM fine-tuning)
-            self.lm.step(runs[0].engine, loss)
-            return
         loss.backward()
         stepping = uids
         if self.scaler is not None:

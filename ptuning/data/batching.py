@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from ptuning.backbone import Layout
-from ptuning.templates import Row
+from ptuning.model.backbone import Layout
+from ptuning.data.templates import Row
 
 
 @dataclass

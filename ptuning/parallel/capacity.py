@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ptuning.backbone import backbone_dtype
-from ptuning.encoders import PromptEncoder
-from ptuning.templates import default_counts
+from ptuning.model.backbone import backbone_dtype
+from ptuning.model.encoders import PromptEncoder
+from ptuning.data.templates import default_counts
 
 GIB = 2**30
 RESERVE = 0.10  # of the device's memory: the CUDA context, allocator fragmentation, kernels' workspaces

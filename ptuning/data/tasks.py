@@ -5,8 +5,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 from ptuning.config import DataConfig
-from ptuning.data import SPLITS, Fact, LamaLayout, RelationInfo, read_facts
-from ptuning.vocab import AnswerVocab
+from ptuning.data.lama import SPLITS, Fact, LamaLayout, RelationInfo, read_facts
+from ptuning.data.vocab import AnswerVocab
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The language model behind the backbone seam, the prompt encoders, and the metrics."""

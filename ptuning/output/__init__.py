@@ -1,0 +1,1 @@
+"""The output folder, the coordinator, results and statistics, comparisons, W&B and progress."""
