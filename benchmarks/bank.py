@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ptuning.model.encoder_stack import Layout  # noqa: E402
+from ptuning.model.stacked import Layout  # noqa: E402
 from ptuning.model.encoders import PromptEncoder  # noqa: E402
-from ptuning.parallel.prompt_bank import EncoderStack, Settings  # noqa: E402
+from ptuning.train.stack import EncoderStack, Settings  # noqa: E402
 
 
 def median_seconds(fn, reps: int) -> float:

@@ -17,6 +17,8 @@ import torch
 
 from common import trainer_and_tasks
 from ptuning.config import config_from_dict
+from ptuning.config.sweep import Unit, Variant
+from ptuning.data.templates import rows_of
 from ptuning.output.store import RunStore
 
 RELATIONS = "P1376,P36,P37,P103,P176,P138,P178,P463"
@@ -35,13 +37,10 @@ def main() -> None:
     backbone = trainer.backbone
     prompts, manual = [], []
     for task in tasks:
-        subjects, labels = [e.subject for e in task.splits["test"]], [e.label for e in task.splits["test"]]
-        template = trainer.ptuning_template(task)
-        encoder = trainer.new_encoder(template, seed=0)
-        encoder.load_state_dict(store.load_encoder_state(task.id))
-        with torch.no_grad():
-            prompts.append((encoder(), template.rows(subjects, labels)))
-        manual.append((None, trainer.manual_template(task).rows(subjects, labels)))
+        unit = Unit(task, Variant("", {}, cfg))
+        vectors = trainer.forward.saved_vectors([unit], [store.load_encoder_state(task.id)])[0]
+        prompts.append((vectors, rows_of(trainer.templates.ptuning(task, cfg), task, "test")))
+        manual.append((None, rows_of(trainer.templates.manual(task), task, "test")))
     recorded = [store.result(r)["test_p@1"] for r in relations]
 
     top1, seconds = {}, {}
@@ -49,7 +48,7 @@ def main() -> None:
         backbone.bf16 = precision == "bf16"
         for name, items in (("P-tuning", prompts), ("manual", manual)):
             start = time.perf_counter()
-            top1[name, precision] = [ranks == 1 for ranks in trainer.ranks(items)]
+            top1[name, precision] = [ranks == 1 for ranks in trainer.forward.ranks(items)]
             seconds[name, precision] = time.perf_counter() - start
 
     n = sum(len(rows) for _, rows in prompts)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ptuning.config import ExperimentConfig
 from ptuning.data.lama import find_layout, read_relation_infos
-from ptuning.experiment import answer_vocab
+from ptuning.data.vocab import answer_vocab
 from ptuning.model.loading import load_backbone
 from ptuning.data.tasks import RelationTask, prepare_task, read_relation
 from ptuning.train.trainer import Trainer

@@ -16,6 +16,8 @@ import torch
 
 from common import trainer_and_tasks
 from ptuning.config import load_config
+from ptuning.data.templates import rows_of
+from ptuning.model.encoders import PromptEncoder
 from ptuning.data.lama import find_layout, select_relations
 
 
@@ -34,21 +36,20 @@ def main() -> None:
     n = sum(len(t.splits["test"]) for t in tasks)
     ptuning_items = []
     for t in tasks:
-        template = trainer.ptuning_template(t)
-        with torch.no_grad():
-            vectors = trainer.new_encoder(template, 0)()
-        ptuning_items.append((vectors,
-                              template.rows([e.subject for e in t.splits["test"]], [e.label for e in t.splits["test"]])))
+        template = trainer.templates.ptuning(t, cfg)
+        with torch.no_grad():  # random prompts: the throughput does not depend on what they say
+            vectors = PromptEncoder(template.n_pseudo, trainer.backbone.hidden_size).eval()()
+        ptuning_items.append((vectors, rows_of(template, t, "test")))
     timings = {}
     start = time.perf_counter()
-    trainer.evaluate_manual(tasks)
+    trainer.forward.evaluate_manual(tasks)
     timings["manual prompts"] = time.perf_counter() - start
     start = time.perf_counter()
-    trainer.evaluate(ptuning_items)
+    trainer.forward.ranks(ptuning_items)
     timings["P-tuning prompts"] = time.perf_counter() - start
     trainer.cfg.train.row_tokens = 0
     start = time.perf_counter()
-    trainer.evaluate(ptuning_items)
+    trainer.forward.ranks(ptuning_items)
     timings["P-tuning, padded rows"] = time.perf_counter() - start
     print(f"{args.model}: {n} LAMA-29k test facts ({len(tasks)} relations, vocabulary mapped), eval batch "
           f"{args.batch}, threads {torch.get_num_threads()}")

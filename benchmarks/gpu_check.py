@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,16 +39,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from ptuning.model.megatron import MegatronBackbone  # noqa: E402
+from ptuning.model.megatron_backbone import MegatronBackbone  # noqa: E402
 from model_parallel.megatron import random_megatron  # noqa: E402
 from model_parallel.release import MegatronSpec  # noqa: E402
-from ptuning.parallel import capacity  # noqa: E402
+from ptuning.model import capacity  # noqa: E402
 from ptuning.model.backbone import HFBackbone  # noqa: E402
-from ptuning.data.batching import collate  # noqa: E402
+from ptuning.train.batching import collate  # noqa: E402
 from ptuning.config import load_config  # noqa: E402
-from ptuning.model.encoder_stack import Layout  # noqa: E402
+from ptuning.model.stacked import Layout  # noqa: E402
 from ptuning.model.encoders import PromptEncoder  # noqa: E402
-from ptuning.parallel.prompt_bank import EncoderStack, Settings  # noqa: E402
+from ptuning.train.stack import EncoderStack, Settings  # noqa: E402
 from step_profile import PHASES, profile  # noqa: E402
 from ptuning.data.lama import find_layout, read_relation_infos, select_relations  # noqa: E402
 from ptuning.data.synthetic import bert_tokenizer, gpt2_tokenizer, roberta_tokenizer  # noqa: E402
@@ -218,7 +219,7 @@ def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str
         peak = check.peak()
         estimate = (n * capacity.activation_bytes(shape, BATCH, capacity.step_tokens((3, 3, 0)), 1,
                                                   2 if dtype != torch.float32 else 4)
-                    + n * capacity.device_encoder_bytes(trainer.layout(runs[0]).size)) / GIB
+                    + n * capacity.device_encoder_bytes(trainer.forward.layout(runs[0].cfg, runs[0].n_pseudo).size)) / GIB
         check.add(f"megatron_step_s_{n}", f"Megatron: packed step, {n} relation(s), {BATCH * n} facts", seconds,
                   ".3f", f"s; {BATCH * n / seconds:.0f} facts/s; {flops / seconds / check.figures['matmul_flops']:.1%}"
                          f" of the measured matmul rate ({flops / seconds / 1e12:.1f} TFLOP/s, {tokens} tokens)")
@@ -233,7 +234,7 @@ def check_megatron(check: Check, spec: MegatronSpec, layout, relations: list[str
         if n == min(8, len(tasks)):
             items = [(v, r.rows["test"]) for v, r in zip(_vectors(trainer, runs), runs)]
             facts = sum(len(rows) for _, rows in items)
-            seconds = check.time(lambda: trainer.ranks(items), warmup=1, reps=1)  # thousands of facts: one pass
+            seconds = check.time(partial(trainer.forward.ranks, items), warmup=1, reps=1)  # thousands of facts: once
             check.add("megatron_eval_facts_per_s", f"Megatron: evaluation, {n} relations' test facts",
                       facts / seconds, ".0f", f"facts/s ({facts} facts, {cfg.train.eval_batch_size} a forward)")
         del runs
@@ -277,7 +278,7 @@ def check_llama(check: Check, config, layout, relations: list[str], tokenizer) -
 
 def _vectors(trainer: Trainer, runs: list) -> list:
     with torch.no_grad():
-        return trainer.vectors(runs)
+        return trainer.forward.vectors(runs)
 
 
 def check_hf(check: Check, name: str, model, tokenizer, kind: str, layout, relations: list[str]) -> None:
@@ -295,7 +296,7 @@ def check_hf(check: Check, name: str, model, tokenizer, kind: str, layout, relat
     batch = collate(rows, [0] * len(rows), [0], backbone.pad_id, backbone.padding_side, 0, backbone.device)
     with torch.no_grad():
         fixed = backbone.embed(batch.ids)
-    kwargs = backbone._forward_kwargs(batch.layout)
+    kwargs = backbone.forward_kwargs(batch.layout)
 
     def raw() -> None:
         embeds = fixed.clone().requires_grad_(True)

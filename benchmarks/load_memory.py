@@ -11,7 +11,7 @@ from just before the read until the weights are in place (on a GPU, synchronised
                  their memory must do, so the ratios are against it
   mapped read    safe_open + get_tensor of every tensor, then a sum over each (the mapping is lazy: the sum is
                  the read): the least any reader must do, weights left in the page cache's mapped pages
-  new            ptuning.model.megatron.load_megatron_model at tensor parallel 1: load_megatron without the
+  new            ptuning.model.megatron_backbone.load_megatron_model at tensor parallel 1: load_megatron without the
                  tokenizer, which is not measured
   old            what load_megatron did before (kept here only): a model built and initialised on the CPU, the
                  file read into a dict, load_state_dict of the weights cast to the dtype, .to(device)
@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_memory import write_synthetic_release
-from ptuning.model.megatron import load_megatron_model
+from ptuning.model.megatron_backbone import load_megatron_model
 from model_parallel.merge import INDEX, merge, read_merged_spec
 from model_parallel.megatron import MegatronLM
 

@@ -37,7 +37,8 @@ def child(model: str, data_dir: str, relations: str, pack: int, row_tokens: int,
           max_train: int, overrides: list[str]) -> dict:
     from ptuning.config import load_config
     from ptuning.experiment import run_experiment
-    from ptuning.train.trainer import Trainer
+    from ptuning.train.packed import PackedLM
+    from ptuning.train.step import Step
 
     cfg = load_config(None, [f"model.name={model}", f"data.relations={relations}", f"data.max_train={max_train}",
                              "data.max_dev=48", "data.max_test=64", f"train.max_epochs={epochs}",
@@ -45,8 +46,8 @@ def child(model: str, data_dir: str, relations: str, pack: int, row_tokens: int,
                              f"train.pack_units={pack}", f"train.row_tokens={row_tokens}", "logging.wandb=false",
                              "logging.progress=off", f"output.dir={out}", "prompt.template=[3,3,0]", *overrides])
     phases = {"train steps": 0.0, "evaluation": 0.0}
-    Trainer.step = timed(phases, "train steps", Trainer.step)
-    Trainer.ranks = timed(phases, "evaluation", Trainer.ranks)
+    Step.__call__ = timed(phases, "train steps", Step.__call__)
+    PackedLM.ranks = timed(phases, "evaluation", PackedLM.ranks)
     start = time.perf_counter()
     payload = run_experiment(cfg, data_dir)
     seconds = time.perf_counter() - start
@@ -70,7 +71,7 @@ def first_step_gradients(model: str, data_dir: str, row_tokens: int) -> float:
         for run in group:
             run.cursor = 0
         trainer.bank.zero_grad()
-        trainer.loss(group).backward()
+        trainer.step.loss(group).backward()
         return [trainer.bank.gradient(run.unit.id).clone() for run in group]
 
     packed = gradients(runs)

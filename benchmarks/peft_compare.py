@@ -61,7 +61,7 @@ def run_ours(relation: str, data_dir: str, batch: int, steps: int, seed: int) ->
         trainer.step([run])
 
     seconds = timed_steps(batches(len(run.rows["train"]), batch, steps, seed), step)
-    dev, test = (trainer.evaluate_runs([run], split)[0] for split in ("dev", "test"))
+    dev, test = (trainer.forward.evaluate_runs([run], split)[0] for split in ("dev", "test"))
     return {"seconds": seconds, "dev_p@1": dev["p@1"], "n_dev": dev["n"], "test_p@1": test["p@1"], "n_test": test["n"]}
 
 
@@ -118,7 +118,7 @@ def run_peft(relation: str, data_dir: str, batch: int, steps: int, seed: int) ->
                 last = torch.tensor([6 + len(r) - 1 for r in chunk])  # 6 virtual tokens come first
                 picked = logits[torch.arange(len(chunk)), last]
                 ranks.append(restricted_ranks(picked, torch.tensor([e.label for e in facts[s:s + 64]]),
-                                              trainer.allowed))
+                                              trainer.forward.allowed))
         return summarize_ranks(torch.cat(ranks))
 
     dev, test = p_at_1(task.splits["dev"]), p_at_1(task.splits["test"])

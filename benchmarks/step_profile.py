@@ -34,11 +34,11 @@ def phased_step(trainer, runs, batch: int) -> None:
     for run in runs:
         run.cursor = 0  # the same facts every step
     with record_function("step::encoders forward"):
-        vectors = trainer.vectors(runs, training=True)
+        vectors = trainer.forward.vectors(runs, training=True)
     leaves = [v.detach().requires_grad_() if v is not None else None for v in vectors]
     rows = [run.next_batch(batch) for run in runs]
     with record_function("step::LM forward"):
-        loss = trainer.packed_loss(leaves, rows, [1.0] * len(runs))
+        loss = trainer.forward.loss(leaves, rows, [1.0] * len(runs))
     with record_function("step::LM backward"):
         loss.backward()
     with record_function("step::encoders backward"):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common import trainer_and_tasks
-from ptuning.data.batching import collate
+from ptuning.train.batching import collate
 from ptuning.config import load_config
 from ptuning.data.lama import resolve_data_dir
 
@@ -68,7 +68,7 @@ def main() -> None:
     batch = collate(rows, [0] * len(rows), [0], backbone.pad_id, backbone.padding_side, 0, backbone.device)
     with torch.no_grad():
         fixed = backbone.embed(batch.ids)
-    kwargs = backbone._forward_kwargs(batch.layout)
+    kwargs = backbone.forward_kwargs(batch.layout)
     positions, targets = batch.layout.target_row, batch.layout.target_col
 
     def ptuning_step() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
 
     def ours_eval() -> None:
         with torch.no_grad():
-            trainer.ranks([(trainer.vectors([run])[0], rows)])
+            trainer.forward.ranks([(trainer.forward.vectors([run])[0], rows)])
 
     def raw_forward() -> None:
         with torch.no_grad():

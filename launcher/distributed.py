@@ -94,8 +94,8 @@ def init_parallel(tensor_parallel: int = 1, solo_groups: bool = False, device: s
         tp_groups = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)]
         tp_group, control = tp_groups[rank], None
     solo = [dist.new_group([r], timeout=GROUP_TIMEOUT) for r in range(world)] if solo_groups else None
-    return ParallelContext(rank=rank, world_size=world, group_index=rank // tensor_parallel,
-                           n_groups=world // tensor_parallel, tp_size=tensor_parallel,
+    return ParallelContext(rank=rank, world_size=world, replica=rank // tensor_parallel,
+                           n_replicas=world // tensor_parallel, tp_size=tensor_parallel,
                            tp_rank=rank % tensor_parallel, tp_group=tp_group, tp_control=control, device=chosen,
                            solo_group=solo[rank] if solo else None, job=describe_job())
 

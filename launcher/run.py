@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         parallel = init_parallel(cfg.parallel.tensor_parallel,
-                                 solo_groups=cfg.deepspeed is not None and cfg.train.mode != "ptuning",
+                                 solo_groups=cfg.deepspeed is not None and cfg.train.tunes_lm,
                                  device=cfg.model.device)
         payload = run_experiment(cfg, resolve_data_dir(args.data_dir, cfg.data.data_dir), mode, parallel)
     except USER_ERRORS as error:

@@ -33,7 +33,7 @@ from launcher.run import USER_ERRORS, config_from_args
 from launcher.run import parse_args as parse_run_args
 from ptuning.config import ConfigError
 from ptuning.data.lama import find_layout, read_facts, resolve_data_dir, select_relations
-from ptuning.parallel.context import balance
+from ptuning.parallel.packs import balance
 from ptuning.config import config_from_dict
 from ptuning.output.coordinator import Coordinator
 from ptuning.files import atomic_write_text

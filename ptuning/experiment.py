@@ -1,7 +1,7 @@
 """One experiment end to end: data, model, answer vocabulary, manual baseline, P-tuning, results on disk.
 
 Every rank runs this. The units (each relation under each sweep variant, ptuning/config/sweep.py) are cut into packs and
-the packs spread over the data-parallel groups by their training work; each unit's writer rank records it in the
+the packs spread over the data-parallel replicas by their training work; each unit's writer rank records it in the
 output folder (ptuning/output/store.py), and the coordinator (rank 0) folds those records into results.json, results.md
 and W&B as they land. One process is the special case of one group. Knows nothing of how it was launched:
 launcher/run.py parses the command line, makes the process groups and calls run_experiment.
@@ -9,27 +9,29 @@ launcher/run.py parses the command line, makes the process groups and calls run_
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 
 from ptuning.config import ConfigError, ExperimentConfig
-from ptuning.output.coordinator import Coordinator
-from ptuning.data.lama import (DataError, LamaLayout, check_subset, check_subset_task, describe, find_layout,
-                          read_relation_infos, read_vocab_words, select_relations)
+from ptuning.config.sweep import Unit, units, variants
+from ptuning.data.lama import (DataError, check_subset, check_subset_task, describe, find_layout, read_relation_infos,
+                               read_vocab_words, select_relations)
+from ptuning.data.tasks import RelationTask, prepare_task, read_relation
+from ptuning.data.templates import TemplateError, rows_of
+from ptuning.data.vocab import answer_vocab, vocab_key_of
 from ptuning.files import one_line
 from ptuning.model.loading import ModelError, load_backbone, resolve_device, resolve_dtype
-from ptuning.parallel.context import ParallelContext, assign_packs, set_compute
+from ptuning.model.metrics import figures
+from ptuning.output.coordinator import Coordinator
 from ptuning.output.progress import Progress
-from ptuning.output.store import RunStore
-from ptuning.data.templates import TemplateError
-from ptuning.data.tasks import RelationTask, prepare_task, read_relation
-from ptuning.train.trainer import Trainer, UnitOutcome, UnitRun
-from ptuning.config.sweep import Unit, units, variants
-from ptuning.data.vocab import AnswerVocab, build_answer_vocab, default_vocab_key
-from ptuning.model.metrics import summarize_ranks
+from ptuning.output.store import FINAL, RunStore
 from ptuning.output.wandb_log import WandbLogger
+from ptuning.parallel.context import ParallelContext, set_compute
+from ptuning.parallel.packs import assign_packs
+from ptuning.train.checkpoint import Checkpoints
+from ptuning.train.trainer import Events, Trainer
+from ptuning.train.unit_run import UnitOutcome, UnitRun
 
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TemplateError)  # one line and exit status 2 (launcher/run.py)
@@ -58,14 +60,12 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     if missing:
         raise DataError(f"{layout.root}: relations.jsonl has no template for {', '.join(missing)}")
     facts = {r: read_relation(layout, r) for r in relation_ids}  # every data error surfaces before the model loads
-    if cfg.data.vocab != "original":
+    if cfg.data.uses_vocab_file:
         read_vocab_words(layout, cfg.data.vocab, vocab_key_of(cfg))  # the vocabulary file too
     sweep = variants(cfg)
     if ctx.device is not None:
         cfg.model.device = str(ctx.device)
-    cfg.model.dtype, why = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))
-    if cfg.protocol.lm_fp16:
-        why = "protocol.lm_fp16: the reference's fp16 LM, without loss scaling"
+    cfg.model.dtype, why = resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device), cfg.protocol.lm_fp16)
     for variant in sweep:  # a variant shares the model
         variant.cfg.model.device, variant.cfg.model.dtype = cfg.model.device, cfg.model.dtype
     if ctx.coordinator:  # before the model loads: a busy or broken folder stops the run at once
@@ -74,26 +74,26 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
 
     backbone = load_backbone(cfg.model, ctx)
     vocab, vocab_key = answer_vocab(cfg, backbone, layout)
-    mapped = cfg.data.vocab != "original" and vocab_key != Path(cfg.model.name).name
+    mapped = cfg.data.uses_vocab_file and vocab_key != Path(cfg.model.name).name
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
     for task in tasks:
         check_subset_task(layout, task.id, {s: len(task.splits[s]) for s in task.splits}, caps)
     ready = [t for t in tasks if t.skip_reason is None]
     by_id = {u.id: u for u in units(ready, sweep)}
     shares = assign_packs({i: len(u.task.splits["train"]) for i, u in by_id.items()}, cfg.train.pack_units,
-                          ctx.n_groups)
-    packs = [[by_id[i] for i in pack] for pack in shares[ctx.group_index]]
-    # a relation's manual baseline is its first unit's group's to evaluate (its variants may be spread over groups)
-    manual_group = {}
+                          ctx.n_replicas)
+    packs = [[by_id[i] for i in pack] for pack in shares[ctx.replica]]
+    # a relation's manual baseline is its first unit's replica's to evaluate (its variants may be spread over them)
+    manual_replica = {}
     for index, share in enumerate(shares):
         for pack in share:
             for uid in pack:
-                manual_group.setdefault(by_id[uid].relation, index)
+                manual_replica.setdefault(by_id[uid].relation, index)
 
     header = {
         "model": cfg.model.name, "kind": backbone.kind,
         "vocab": f"{vocab.name} ({vocab_key} list mapped)" if mapped else vocab.name,
-        "vocab_strategy": cfg.data.vocab, "vocab_key": vocab_key if cfg.data.vocab != "original" else None,
+        "vocab_strategy": cfg.data.vocab, "vocab_key": vocab_key if cfg.data.uses_vocab_file else None,
         "answer_vocab_size": vocab.size, "mode": cfg.train.mode if mode == "train" else mode,
         "protocol": cfg.protocol.describe(),
         "data_dir": str(layout.root), "world_size": ctx.world_size, "config": cfg.to_dict(),
@@ -113,9 +113,9 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     progress.line(f"data: {describe(layout)}")
     progress.line(f"model: {cfg.model.name}, {backbone.kind} LM, weights in {cfg.model.dtype} ({why})")
     worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header,
-                     {r for r, g in manual_group.items() if g == ctx.group_index})
+                     {r for r, g in manual_replica.items() if g == ctx.replica})
     if ready:
-        worker.trainer.check_templates([v.cfg for v in sweep], ready[0])
+        worker.trainer.templates.check([v.cfg for v in sweep], ready[0])
     try:
         finished = worker.run(packs, mode)
     except USER_ERRORS:
@@ -135,20 +135,6 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     return payload
 
 
-def answer_vocab(cfg: ExperimentConfig, backbone, layout: LamaLayout) -> tuple[AnswerVocab, str]:
-    """The configured answer vocabulary in the backbone's tokenizer, and the vocab file's word list it came from
-    (data.vocab_key, or the one that fits the model family)."""
-    vocab_key = vocab_key_of(cfg)
-    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,
-                               layout if cfg.data.vocab != "original" else None, vocab_key)
-    return vocab, vocab_key
-
-
-def vocab_key_of(cfg: ExperimentConfig) -> str:
-    """The vocab file's word list to read: data.vocab_key, or the one that fits the model family."""
-    return cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)
-
-
 def _base_fields(task: RelationTask) -> dict[str, Any]:
     fields: dict[str, Any] = {"label": task.info.label, **task.counts(), "dropped": task.dropped,
                               "capped": task.capped, "test_facts": task.fingerprint("test")}
@@ -164,16 +150,16 @@ def _wandb(cfg: ExperimentConfig, store: RunStore, header: dict[str, Any], sweep
                        project=cfg.logging.wandb_project)
 
 
-class _Worker:
-    """What every rank does with its data-parallel group's units; only each unit's writer writes."""
+class _Worker(Events):
+    """What every rank does with its replica's units; only each unit's writer writes. As the training loop's Events
+    it records each finished unit and each epoch's progress, and runs the manual baseline ahead of each pack."""
 
     def __init__(self, cfg: ExperimentConfig, store: RunStore, backbone, allowed, ctx: ParallelContext,
                  progress: Progress, header: dict[str, Any], manual: set[str]):
         self.cfg, self.store, self.ctx, self.progress = cfg, store, ctx, progress
-        self.manual = manual  # the relations whose manual baseline this group evaluates
+        self.manual = manual  # the relations whose manual baseline this replica evaluates
         self.trainer = Trainer(backbone, cfg, allowed, progress=progress.line, parallel=ctx)
         self.model_name = header["model"]
-        self.last_checkpoint: dict[str, float] = {}  # unit -> when its last checkpoint was written
 
     def record(self, unit: str, fields: dict[str, Any]) -> None:
         """A record this rank's tensor-parallel group shares (the manual baseline): its first rank writes it."""
@@ -181,12 +167,11 @@ class _Worker:
             self.store.write_result(unit, fields)
 
     def run(self, packs: list[list[Unit]], mode: str) -> bool:
-        """This group's packs, one after another. False when a signal stopped training (checkpoints written), True
+        """This replica's packs, one after another. False when a signal stopped training (checkpoints written), True
         otherwise. Everything a pack evaluates (manual prompts, dev, test) is batched within the pack, so a unit
-        sees the same batches whichever group its pack falls to."""
+        sees the same batches whichever replica its pack falls to."""
         if self.cfg.output.resume:
-            final = {"train": "done", "manual": "manual_only", "evaluate": "evaluated"}[mode]
-            done = [u.id for pack in packs for u in pack if (self.store.result(u.id) or {}).get("status") == final]
+            done = [u.id for pack in packs for u in pack if (self.store.result(u.id) or {}).get("status") == FINAL[mode]]
             if done:
                 self.progress.line(f"already final, skipped: {', '.join(done)}")
             packs = [[u for u in pack if u.id not in set(done)] for pack in packs]
@@ -194,17 +179,21 @@ class _Worker:
         if not packs:
             return True
         if mode == "train":
-            return self.trainer.train(packs, self.finished, on_epoch=self.epoch_done, restore=self.restore,
-                                      on_stop=self.stopped, before=self.manual_baseline)
+            checkpoints = Checkpoints(self.store.checkpoint_path, self.cfg.output.checkpoint_minutes,
+                                      self.cfg.output.resume)
+            return self.trainer.train(packs, self, checkpoints)
         for pack in packs:
             if mode == "manual":
                 self.manual_baseline(pack, always=True)
                 for unit in pack:
-                    self.record(unit.id, {"status": "manual_only"})
+                    self.record(unit.id, {"status": FINAL["manual"]})
             else:
                 self.manual_baseline(pack)
                 self.evaluate_saved(pack)
         return True
+
+    def before_pack(self, units: list[Unit]) -> None:
+        self.manual_baseline(units)
 
     def manual_baseline(self, pack: list[Unit], always: bool = False) -> None:
         """The manual prompts' test P@1 of the pack's relations that have none recorded yet (train.manual_baseline,
@@ -215,36 +204,16 @@ class _Worker:
         if not need or not (always or self.cfg.train.manual_baseline):
             return
         self.progress.line(f"manual prompts: evaluating test for {len(need)} relations")
-        for task, ranks in zip(need, self.trainer.ranks(self.trainer.manual_items(need))):
-            m = summarize_ranks(ranks)
-            self.record(task.id, {"manual_p@1": m["p@1"], "manual_p@10": m["p@10"], "manual_mrr": m["mrr"]})
+        forward = self.trainer.forward
+        for task, ranks in zip(need, forward.ranks(forward.manual_items(need))):
+            self.record(task.id, figures(ranks, "manual_"))
             if self.ctx.writer:
                 self.store.write_ranks(task.id, "manual", ranks.tolist())
 
-    def restore(self, unit: Unit) -> dict | None:
-        return self.store.load_checkpoint(unit.id) if self.cfg.output.resume else None
-
-    def epoch_done(self, run: UnitRun) -> None:
-        """Progress after every epoch; a checkpoint once output.checkpoint_minutes have passed since the last."""
-        if not run.writes:
-            return
-        self.store.write_progress(run.unit.id, {"dev_history": run.dev_history})
-        last = self.last_checkpoint.setdefault(run.unit.id, run.started)
-        if self.trainer.checkpoints(run) and time.perf_counter() - last >= 60 * self.cfg.output.checkpoint_minutes:
-            self.checkpoint(run)
-
-    def checkpoint(self, run: UnitRun) -> None:
-        self.store.save_checkpoint(run.unit.id, self.trainer.run_state(run))
-        self.last_checkpoint[run.unit.id] = time.perf_counter()
-
-    def stopped(self, runs: list[UnitRun]) -> None:
-        written = [r for r in runs if r.writes and self.trainer.checkpoints(r)]
-        for run in written:
-            self.checkpoint(run)
-        over = [r.unit.id for r in runs if r.writes and not self.trainer.checkpoints(r)]
-        self.progress.line(f"stop requested ({self.trainer.stop.name}): checkpointed "
-                           f"{', '.join(r.unit.id for r in written) or 'nothing (no unit under way here)'}"
-                           + (f"; {', '.join(over)} (DeepSpeed) will start over" if over else ""))
+    def epoch_ended(self, run: UnitRun) -> None:
+        """Progress after every epoch (for W&B and the progress bar, read by the coordinator)."""
+        if run.writes:
+            self.store.write_progress(run.unit.id, {"dev_history": run.dev_history})
 
     def finished(self, outcome: UnitOutcome) -> None:
         unit = outcome.unit.id
@@ -257,31 +226,24 @@ class _Worker:
                     "template": ",".join(map(str, outcome.counts)), "anchors": str(cfg.prompt.anchors)})
             self.store.write_progress(unit, {"dev_history": outcome.metrics["dev_history"]})
             self.store.write_ranks(unit, "test", outcome.test_ranks)
-            self.store.write_result(unit, {"status": "done", **outcome.metrics})
-            self.store.remove_checkpoint(unit)
+            self.store.write_result(unit, {"status": FINAL["train"], **outcome.metrics})
         if not self.ctx.coordinator:  # the coordinator announces every unit as its record lands
             self.progress.line(f"{unit} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
                                f"(best dev epoch {outcome.metrics['best_epoch']})")
 
     def evaluate_saved(self, pack: list[Unit]) -> None:
         # every rank evaluates with every saved encoder: no optimizer state, little memory
-        loaded = []
+        forward, loaded = self.trainer.forward, []
         for unit in pack:
             try:
-                vector = self.trainer.saved_vectors([unit], [self.store.load_encoder_state(unit.id)])[0]
+                vector = forward.saved_vectors([unit], [self.store.load_encoder_state(unit.id)])[0]
             except ValueError as error:
                 raise DataError(f"{self.store.encoder_path(unit.id)}: does not fit the configured prompt encoder "
                                 f"({one_line(error)})") from None
-            loaded.append((unit, vector, self.trainer.ptuning_template(unit.task, unit.variant.cfg)))
-        ranks = {}
-        for split in ("dev", "test"):
-            items = [(vec, tpl.rows([e.subject for e in u.task.splits[split]],
-                                    [e.label for e in u.task.splits[split]]))
-                     for u, vec, tpl in loaded]
-            ranks[split] = self.trainer.ranks(items)
+            loaded.append((unit, vector, self.trainer.templates.ptuning(unit.task, unit.variant.cfg)))
+        ranks = {split: forward.ranks([(vector, rows_of(template, unit.task, split))
+                                       for unit, vector, template in loaded]) for split in ("dev", "test")}
         for (unit, _, _), dev, test in zip(loaded, ranks["dev"], ranks["test"]):
-            d, t = summarize_ranks(dev), summarize_ranks(test)
-            self.record(unit.id, {"status": "evaluated", "dev_p@1": d["p@1"], "test_p@1": t["p@1"],
-                                  "test_p@10": t["p@10"], "test_mrr": t["mrr"]})
+            self.record(unit.id, {"status": FINAL["evaluate"], **figures(dev, "dev_"), **figures(test, "test_")})
             if self.ctx.writer:
                 self.store.write_ranks(unit.id, "test", test.tolist())

@@ -11,13 +11,23 @@ from ptuning.config import load_config
 from ptuning.data.lama import find_layout, read_relation_infos
 from ptuning.model.loading import load_backbone
 from ptuning.data.tasks import prepare_task, read_relation
-from ptuning.train.trainer import Trainer
+from ptuning.train.trainer import Events, Trainer
 from ptuning.data.vocab import build_answer_vocab
 
 model, lama, out = sys.argv[1:4]
 parallel = init_parallel(solo_groups=True, device="cpu")
 BASE = [f"model.name={model}", "train.mode=ptuning_finetune", "data.max_train=16", "data.max_dev=8",
         "data.max_test=8", "train.max_epochs=1", "train.lr=1e-3", "train.lm_lr=1e-3", "train.weight_decay=0.1"]
+
+
+class OnEach(Events):
+    """Calls `then` after each unit finishes."""
+
+    def __init__(self, then):
+        self.then = then
+
+    def finished(self, outcome) -> None:
+        self.then()
 
 
 def trainer_for(*extra):
@@ -67,13 +77,13 @@ def alive() -> dict:
 
 report["before"] = alive()
 report["after_each"] = []
-trainer.train([tasks], lambda outcome: report["after_each"].append(alive()))
+trainer.train([tasks], OnEach(lambda: report["after_each"].append(alive())))
 
 # a bf16 engine casts the modules it is given: the shared LM comes back in its own dtype and values
 trainer, tasks = trainer_for('deepspeed.zero_optimization={"stage": 1}', 'deepspeed.bf16={"enabled": true}')
 lm = trainer.backbone.model
 dtypes = []
-trainer.train([tasks[:2]], lambda outcome: dtypes.append(alive()))
+trainer.train([tasks[:2]], OnEach(lambda: dtypes.append(alive())))
 report["bf16_after_each"] = dtypes
 json.dump(report, open(out, "w"))
 shutdown()

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WARM = ("torch", "torch.distributed", "transformers", "safetensors.torch", "megatron.core.tensor_parallel",
         "megatron.core.parallel_state", "ptuning.experiment", "ptuning.model.loading", "ptuning.compare",
-        "ptuning.model.megatron", "model_parallel.merge", "launcher.run", "launcher.distributed", "wandb",
+        "ptuning.model.megatron_backbone", "model_parallel.merge", "launcher.run", "launcher.distributed", "wandb",
         "deepspeed", "matplotlib.pyplot")
 
 

@@ -137,7 +137,7 @@ def _facts(n: int, lengths: list[int], backbone) -> list:
 
 
 def _scores_and_grads(backbone, rows, row_tokens: int):
-    from ptuning.data.batching import collate
+    from ptuning.train.batching import collate
 
     batch = collate(rows, [0] * len(rows), [0], backbone.pad_id, backbone.padding_side, row_tokens,
                     backbone.device)
@@ -160,7 +160,7 @@ def test_facts_sharing_a_row_score_as_if_alone(fixture, attention, request):
     backbone = load_backbone(ModelConfig(name=str(request.getfixturevalue(fixture))))
     if attention == "eager":
         backbone.model.config._attn_implementation = "eager"
-        backbone.packs_rows = backbone._check_row_packing()
+        backbone.packs_rows = backbone.check_row_packing()
     assert backbone.packs_rows
     rows = _facts(0, [5, 9, 4, 7, 3], backbone)
     alone, alone_grads, alone_shape = _scores_and_grads(backbone, rows, 0)

@@ -1,7 +1,7 @@
 """Batching: facts laid out in shared rows (first fit, longest first) and length-bucketed chunks."""
 import torch
 
-from ptuning.data.batching import collate, fill_rows, first_fit, length_buckets
+from ptuning.train.batching import collate, fill_rows, first_fit, length_buckets
 from ptuning.data.templates import Row
 
 

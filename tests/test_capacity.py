@@ -1,5 +1,5 @@
 """How many relations pack: the arithmetic, and train.pack_units "auto" on a CPU."""
-from ptuning.parallel import capacity
+from ptuning.model import capacity
 from ptuning.config import load_config
 from ptuning.experiment import run_experiment
 
@@ -24,7 +24,7 @@ def test_memory_report_of_a_hugging_face_model_from_its_config_alone(tmp_path, c
     """Llama-3.1-8B's shapes (from its published config), sized on the meta device: no weights anywhere."""
     from transformers import LlamaConfig
 
-    from ptuning.parallel.memory import main
+    from ptuning.model.memory import main
 
     LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ptuning.config import ConfigError, load_config
-from ptuning.parallel.context import assign_packs, balance
+from ptuning.parallel.packs import assign_packs, balance
 from ptuning.output.store import RunStore
 from tests.conftest import REPO, free_port
 from tests.ranks import spawn

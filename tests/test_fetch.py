@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ptuning.data import fetch
-from ptuning.data.lama import find_layout, main, read_facts, select_relations
+from ptuning.data.__main__ import main
+from ptuning.data.lama import find_layout, read_facts, select_relations
 
 
 def build_archive(lama: Path) -> bytes:

@@ -83,6 +83,6 @@ def test_two_replicas_of_tp_2_equal_one_process(tiny_llama, lama, tmp_path):
 def test_what_transformers_cannot_shard_is_a_clear_error(tiny_gpt2):
     """Said before any weight or process group is touched: GPT-2 has no tensor-parallel plan in transformers."""
     with pytest.raises(ModelError, match=r"no tensor-parallel plan for 'gpt2' models; run it with tensor_parallel 1"):
-        load_backbone(ModelConfig(name=str(tiny_gpt2)), ParallelContext(world_size=2, tp_size=2, n_groups=1))
+        load_backbone(ModelConfig(name=str(tiny_gpt2)), ParallelContext(world_size=2, tp_size=2, n_replicas=1))
     with pytest.raises(ModelError, match=r"no tensor-parallel plan for 'gpt2' models"):
-        load_backbone(ModelConfig(name=str(tiny_gpt2)), ParallelContext(world_size=4, tp_size=2, n_groups=2))
+        load_backbone(ModelConfig(name=str(tiny_gpt2)), ParallelContext(world_size=4, tp_size=2, n_replicas=2))

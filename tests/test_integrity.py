@@ -23,6 +23,7 @@ from launcher.run import main
 from ptuning.config import ConfigError, config_from_dict
 from ptuning.files import file_mode
 from ptuning.output.store import RunStore
+from ptuning.train import checkpoint
 
 RELATIONS = "P1376,P36,P37"
 
@@ -62,7 +63,7 @@ def test_every_file_and_folder_gets_the_mode_the_umask_gives(umask, tiny_gpt2, l
     previous = os.umask(umask)
     try:
         assert main(run_args(tiny_gpt2, lama, tmp_path / "out")) == 0
-        RunStore(tmp_path / "out").save_checkpoint("P36", {"epoch": 1})  # checkpoints go the same way
+        checkpoint.write(RunStore(tmp_path / "out").checkpoint_path("P36"), {"epoch": 1})  # the same way
     finally:
         os.umask(previous)
     paths = [p for p in (tmp_path / "out").rglob("*")]
@@ -85,7 +86,7 @@ def test_a_rename_is_made_durable_by_syncing_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "fsync", recording_fsync)
     store = RunStore(tmp_path)
     store.write_result("P36", {"status": "done"})
-    store.save_checkpoint("P36", {"epoch": 1})
+    checkpoint.write(store.checkpoint_path("P36"), {"epoch": 1})
     store.save_prompt("P36", {"w": torch.ones(2)}, torch.ones(2, 2), {})
     folder = str(store.unit_dir("P36"))
     for name in ("result.json", "checkpoint.pt", "prompt_encoder.safetensors", "prompt_vectors.safetensors"):

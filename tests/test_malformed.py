@@ -43,6 +43,7 @@ def trained(tiny_gpt2, lama, tmp_path_factory) -> Path:
     from ptuning.data.lama import find_layout, read_relation_infos
     from ptuning.model.loading import load_backbone
     from ptuning.data.tasks import prepare_task, read_relation
+    from ptuning.train import checkpoint
     from ptuning.train.trainer import Trainer
     from ptuning.data.vocab import build_answer_vocab
 
@@ -55,7 +56,8 @@ def trained(tiny_gpt2, lama, tmp_path_factory) -> Path:
     vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, "shared", layout, "bert-base-cased")
     task = prepare_task(read_relation_infos(layout)["P37"], read_relation(layout, "P37"), vocab, cfg.data)
     trainer = Trainer(backbone, cfg, vocab.allowed)
-    RunStore(out).save_checkpoint("P37", trainer.run_state(trainer.prepare([task])[0]))
+    checkpoint.write(RunStore(out).checkpoint_path("P37"),
+                     checkpoint.state_of(trainer.prepare([task])[0], trainer.bank, trainer.lm, trainer.scaler))
     return out
 
 

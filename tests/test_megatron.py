@@ -93,7 +93,7 @@ def _linked_copy(folder: Path, to: Path) -> Path:
 
 def test_a_tied_output_projection_is_checked_then_dropped(lama, merged, tmp_path):
     """fairseq >= 0.10 re-saves the tied projection under its own name: it merges and loads like the release."""
-    from ptuning.model.megatron import load_megatron_model
+    from ptuning.model.megatron_backbone import load_megatron_model
 
     release = write_release(lama, tmp_path / "tied", tied_projection=True)[0]
     assert "decoder.output_projection.weight" in torch.load(release / PART.format(0), weights_only=False)["model"]
@@ -277,7 +277,7 @@ def test_ptuning_is_the_same_at_tp_1_2_and_4(release, merged, lama, tmp_path):
 
 
 def test_memory_report_of_the_real_shapes(capsys):
-    from ptuning.parallel.memory import main
+    from ptuning.model.memory import main
 
     assert main(["--config", str(REPO / "configs" / "megatron11b.json"), "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
@@ -302,7 +302,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _old_path(folder: Path, tp: int, rank: int, dtype: torch.dtype) -> torch.nn.Module:
     """How load_megatron built the model before it was built on the meta device: a CPU model initialised, then the
     whole checkpoint cast and copied in."""
-    from ptuning.model.megatron import is_release, read_merged_shard
+    from ptuning.model.megatron_backbone import is_release, read_merged_shard
     from model_parallel.merge import read_merged_spec
     from model_parallel.megatron import MegatronLM
     from model_parallel.release import load_part
@@ -317,7 +317,7 @@ def _old_path(folder: Path, tp: int, rank: int, dtype: torch.dtype) -> torch.nn.
 
 
 def _assert_loaded_like_the_old_path(folder: Path, tp: int, rank: int, dtype: torch.dtype) -> None:
-    from ptuning.model.megatron import load_megatron_model
+    from ptuning.model.megatron_backbone import load_megatron_model
 
     new, old = load_megatron_model(folder, tp, rank, dtype, "cpu"), _old_path(folder, tp, rank, dtype)
     tensors = {**dict(new.named_parameters()), **dict(new.named_buffers())}
@@ -345,7 +345,7 @@ def test_the_meta_built_model_equals_the_old_path_tensor_parallel(merged, monkey
 
 
 def test_weights_that_do_not_fit_are_a_clear_error(merged, tmp_path):
-    from ptuning.model.megatron import load_megatron_model
+    from ptuning.model.megatron_backbone import load_megatron_model
 
     folder = tmp_path / "deeper"
     folder.mkdir()

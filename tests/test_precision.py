@@ -5,11 +5,12 @@ import json
 import torch
 
 from ptuning.config import load_config
-from ptuning.model.encoder_stack import Layout
+from ptuning.model.stacked import Layout
 from ptuning.experiment import run_experiment
 from ptuning.parallel.context import ParallelContext
 from ptuning.train.precision import LossScaler
-from ptuning.parallel.prompt_bank import PromptBank, Settings
+from ptuning.train.prompt_bank import PromptBank
+from ptuning.train.stack import Settings
 from tests.test_prompt_bank import HIDDEN, N_PSEUDO, assert_close_relative, encoders
 
 

@@ -3,9 +3,9 @@ floats do not depend on its stack; a unit's slice moves between stacks exactly."
 import pytest
 import torch
 
-from ptuning.model.encoder_stack import Layout, vectors
+from ptuning.model.stacked import Layout, vectors
 from ptuning.model.encoders import PromptEncoder
-from ptuning.parallel.prompt_bank import EncoderStack, Settings
+from ptuning.train.stack import EncoderStack, Settings
 
 N_PSEUDO, HIDDEN = 9, 32
 

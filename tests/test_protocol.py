@@ -66,7 +66,7 @@ def _hf_loss_with_labels_at_the_last_position(trainer, run, picked):
     """The reference's causal loss: one row per fact, the label at the last position, and the Hugging Face model
     shifting it (so its logits at L-2 are scored)."""
     facts = [run.task.splits["train"][i] for i in picked]
-    vectors = trainer.vectors([run])[0]
+    vectors = trainer.forward.vectors([run])[0]
     losses = []
     for row in run.template.rows([f.subject for f in facts], [f.label for f in facts]):
         ids = torch.tensor([row.ids])
@@ -84,7 +84,7 @@ def test_causal_loss_is_read_at_L_minus_2_under_reference_and_L_minus_1_under_pa
     trainer, tasks = _trainer_and_tasks(tiny_gpt2, lama, f"protocol.causal_loss_shift={protocol == 'reference'}")
     run, = trainer.prepare(tasks[:1])
     picked = run.order[:8]
-    ours = trainer.loss([run])
+    ours = trainer.step.loss([run])
     reference = _hf_loss_with_labels_at_the_last_position(trainer, run, picked)
     if protocol == "reference":
         assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -137,13 +137,13 @@ def test_the_frozen_lm_drops_out_while_prompts_train_only_under_reference(protoc
         with torch.no_grad():
             if protocol == "reference":
                 trainer.backbone.dropout(True)
-            losses.append(trainer.loss([run]).item())
+            losses.append(trainer.step.loss([run]).item())
     if protocol == "reference":
         assert losses[0] != losses[1]  # two dropout masks
     else:
         assert losses[0] == losses[1]
     # evaluation never drops out, under either protocol
-    first, second = (trainer.evaluate_runs([run], "dev")[0]["mrr"] for _ in range(2))
+    first, second = (trainer.forward.evaluate_runs([run], "dev")[0]["mrr"] for _ in range(2))
     assert first == second
 
 

@@ -11,7 +11,7 @@ from ptuning.config import load_config
 from ptuning.data.lama import find_layout, read_relation_infos
 from ptuning.model.loading import load_backbone
 from ptuning.data.tasks import prepare_task, read_relation
-from ptuning.train.trainer import Trainer
+from ptuning.train.trainer import Events, Trainer
 from ptuning.data.vocab import build_answer_vocab
 
 pytestmark = pytest.mark.slow
@@ -54,8 +54,16 @@ def tasks_for(backbone, lama, relations, **caps):
 
 def test_smollm2_knows_capitals_with_the_manual_prompt(smollm2, lama):
     vocab, tasks = tasks_for(smollm2, lama, ["P36", "P1376"], max_test=150)
-    manual = Trainer(smollm2, load_config(None), vocab.allowed).evaluate_manual(tasks)
+    manual = Trainer(smollm2, load_config(None), vocab.allowed).forward.evaluate_manual(tasks)
     assert manual["P36"]["p@1"] > 0.2 and manual["P1376"]["p@1"] > 0.2, manual
+
+
+class Collect(Events):
+    def __init__(self, outcomes: list):
+        self.outcomes = outcomes
+
+    def finished(self, outcome) -> None:
+        self.outcomes.append(outcome)
 
 
 def test_ptuning_beats_the_manual_prompt_on_dev(smollm2, lama):
@@ -64,8 +72,8 @@ def test_ptuning_beats_the_manual_prompt_on_dev(smollm2, lama):
     # the test split is evaluated at the end but not asserted on: a few facts of it
     vocab, tasks = tasks_for(smollm2, lama, ["P176", "P103"], max_train=96, max_dev=100, max_test=16)
     trainer = Trainer(smollm2, cfg, vocab.allowed)
-    manual = trainer.evaluate_manual(tasks, split="dev")
+    manual = trainer.forward.evaluate_manual(tasks, split="dev")
     outcomes = []
-    trainer.train([tasks], outcomes.append)
+    trainer.train([tasks], Collect(outcomes))
     gains = {o.unit.relation: o.metrics["dev_p@1"] - manual[o.unit.relation]["p@1"] for o in outcomes}
     assert max(gains.values()) > 0.05, (gains, manual)

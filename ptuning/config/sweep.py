@@ -1,7 +1,7 @@
 """Units: the unit of work is a relation under one variant of the settings that belong to a prompt encoder.
 
 A sweep (the config's `sweep` section, or `--sweep key=v1,v2` on the command line) lists variants; each is a set
-of overrides of the per-encoder settings (SWEEPABLE). The frozen LM and the data are shared by every unit, so a
+of overrides of the per-encoder settings (config.schema.PER_UNIT). The frozen LM and the data are shared by every unit, so a
 (relation, variant) pair is just another prompt encoder in the packed batch: its own encoder, optimizer, epochs,
 dev selection, early stopping, checkpoint and record. Without a sweep there is one variant, the run's own settings,
 named "" (and its units are the relations, in today's folders: a sweep of one variant is the run it always was).
@@ -19,14 +19,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptuning.config import ConfigError, ExperimentConfig, config_from_dict
+from ptuning.config.checks import build
+from ptuning.config.schema import PER_UNIT, ConfigError, ExperimentConfig
 
-# The settings one prompt encoder owns. Anything else (the model, its dtype and dropout, the data, the vocabulary,
-# batch shapes, the training mode) is shared by every unit of a packed batch.
-SWEEPABLE = ("train.seed", "train.lr", "train.weight_decay", "train.lr_decay", "train.patience", "train.max_epochs",
-             "prompt.encoder", "prompt.template", "prompt.anchors", "prompt.init", "prompt.lstm_dropout",
-             "protocol.causal_loss_shift", "protocol.mask_before_subject", "protocol.latest_tie",
-             "protocol.drop_last", "protocol.last_epoch_unevaluated")
 SEED = "train.seed"
 BASE = "base"  # a sweep's variant with no overrides: a folder of its own beside the relation's record
 
@@ -110,10 +105,10 @@ def variants(cfg: ExperimentConfig, source: str = "config") -> list[Variant]:
              for key in values}
     for key in [k for v in listed for k in v] + list(grid):
         if key not in known:
-            raise ConfigError(f"{where}: '{key}': unknown key (sweepable: {', '.join(SWEEPABLE)})")
-        if key not in SWEEPABLE:
+            raise ConfigError(f"{where}: '{key}': unknown key (sweepable: {', '.join(PER_UNIT)})")
+        if key not in PER_UNIT:
             raise ConfigError(f"{where}: '{key}' cannot vary within a sweep: it changes what every unit shares (the "
-                              f"model, the data, the batches); run it separately (sweepable: {', '.join(SWEEPABLE)})")
+                              f"model, the data, the batches); run it separately (sweepable: {', '.join(PER_UNIT)})")
     out, names = [], set()
     base = {k: v for k, v in cfg.to_dict().items() if k != "sweep"}
     for listed_overrides, combination in itertools.product(listed, itertools.product(*grid.values())):
@@ -129,7 +124,7 @@ def variants(cfg: ExperimentConfig, source: str = "config") -> list[Variant]:
             section, option = key.split(".", 1)
             raw[section][option] = value
         try:
-            variant_cfg = config_from_dict(raw, f"{where} variant {name!r}")
+            variant_cfg = build(raw, f"{where} variant {name!r}")
         except ConfigError as error:
             raise ConfigError(str(error)) from None
         out.append(Variant(name, overrides, variant_cfg))
@@ -143,7 +138,7 @@ def _refuse_repeats(found: list[Variant], where: str) -> None:
     seen: dict[tuple, str] = {}
     for variant in found:
         full = variant.cfg.to_dict()
-        settings = tuple(full[key.split(".")[0]][key.split(".")[1]] for key in SWEEPABLE)
+        settings = tuple(full[key.split(".")[0]][key.split(".")[1]] for key in PER_UNIT)
         settings = tuple(tuple(v) if isinstance(v, list) else v for v in settings)
         if settings in seen:
             raise ConfigError(f"{where}: variants {seen[settings]!r} and {variant.name!r} resolve to the same "

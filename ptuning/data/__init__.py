@@ -1,1 +1,1 @@
-"""LAMA's files, vocabularies, tasks, templates and batches; the full set fetched, the quick start's shipped."""
+"""LAMA's files, vocabularies, tasks and templates; the full set fetched, the quick start's shipped."""

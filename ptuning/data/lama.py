@@ -11,7 +11,6 @@ Every problem is a DataError naming the file (and line, and field) it came from.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,39 +189,4 @@ def read_vocab_words(layout: LamaLayout, strategy: str, key: str) -> list[str]:
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise DataError(f"{path}: field '{key}' must be a list of words (strings)")
     return [word[1:] if word.startswith("Ġ") else word for word in words]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m ptuning.data fetch [--dest DIR]: the full LAMA (ptuning/data/fetch.py)."""
-    import argparse
-
-    from ptuning.data import fetch
-
-    parser = argparse.ArgumentParser(prog="python -m ptuning.data", description="LAMA data for ptuning-lama")
-    commands = parser.add_subparsers(dest="command", required=True)
-    get = commands.add_parser("fetch", help="download, unpack and check the P-tuning LAMA archive")
-    get.add_argument("--dest", default=str(FETCHED), help="where the data set goes (default: data/lama, where the "
-                                                          "runner looks by default)")
-    get.add_argument("--url", default=fetch.ARCHIVE_URL)
-    get.add_argument("--checksums", default=str(fetch.CHECKSUMS), help="each split file's git blob id and the "
-                                                                        "vocabulary files' SHA-256 (JSON)")
-    get.add_argument("--skip-checksums", action="store_true", help="check the record counts and the files' presence "
-                                                                  "but no checksum")
-    cut = commands.add_parser("subset", help="cut the facts a config reads out of a full LAMA folder (how "
-                                             "data/quickstart was made)")
-    cut.add_argument("--config", required=True)
-    cut.add_argument("--source", required=True, help="a full LAMA folder")
-    cut.add_argument("--dest", required=True)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "fetch":
-            dest = fetch.fetch(Path(args.dest), args.url, None if args.skip_checksums else Path(args.checksums))
-            print(f"LAMA ready in {dest} (41 relations, 34,039 test facts): the runner finds it there by default, "
-                  f"or give --data-dir {dest}")
-        else:
-            fetch.write_subset(Path(args.config), Path(args.source), Path(args.dest))
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
 

@@ -50,6 +50,48 @@ def default_counts(kind: str) -> tuple[int, int, int]:
     return (3, 3, 3) if kind == "masked" else (3, 3, 0)
 
 
+class Templates:
+    """Which template a unit gets, from the run's settings and the unit's own (its variant's): the manual prompt's,
+    or its P-tuning template."""
+
+    def __init__(self, tokenizer, kind: str, cfg):
+        self.tokenizer, self.kind, self.cfg = tokenizer, kind, cfg  # cfg: the run's settings
+
+    def counts(self, cfg) -> tuple[int, int, int]:
+        """A unit's pseudo tokens before the subject, between subject and object, after the object."""
+        return tuple(cfg.prompt.template or default_counts(self.kind))
+
+    def manual(self, task, cfg=None) -> "ManualTemplate":
+        """The manual prompt's template (cfg: a unit's own settings, for the rows it fine-tunes on)."""
+        protocol = (cfg or self.cfg).protocol
+        return ManualTemplate(self.tokenizer, self.kind, task.info.template, add_bos=self.cfg.model.add_bos,
+                              causal_loss_shift=protocol.causal_loss_shift, bpe_spaces=self.cfg.protocol.bpe_spaces)
+
+    def ptuning(self, task, cfg) -> "PTuningTemplate":
+        """A unit's P-tuning template, from its own settings (cfg: its variant's)."""
+        return PTuningTemplate(self.tokenizer, self.kind, self.counts(cfg), task.info.template,
+                               anchors=cfg.prompt.anchors, add_bos=cfg.model.add_bos,
+                               mask_before_subject=cfg.protocol.mask_before_subject,
+                               causal_loss_shift=cfg.protocol.causal_loss_shift, bpe_spaces=cfg.protocol.bpe_spaces)
+
+    def training(self, task, cfg):
+        """The template a unit trains with: its P-tuning template, or the manual one when only the LM trains."""
+        return self.ptuning(task, cfg) if cfg.train.uses_prompts else self.manual(task, cfg)
+
+    def check(self, configs: list, task) -> None:
+        """Every variant's template builds for this model (a combination it refuses, such as anchors with the
+        reference's mask order, stops the run before anything trains, not when its pack comes up)."""
+        if self.cfg.train.uses_prompts:
+            for cfg in configs:
+                self.ptuning(task, cfg)
+
+
+def rows_of(template, task, split: str, training: bool = False) -> list[Row]:
+    """A task's split as a template's rows, in the split's order."""
+    facts = task.splits[split]
+    return template.rows([e.subject for e in facts], [e.label for e in facts], training=training)
+
+
 class PTuningTemplate:
     """Rows with pseudo-token slots for one relation."""
 

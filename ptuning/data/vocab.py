@@ -13,6 +13,7 @@ SentencePiece: '▁'), which is how an object follows the prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -92,3 +93,17 @@ def build_answer_vocab(
     allowed = torch.zeros(vocab_size, dtype=torch.bool)
     allowed[torch.tensor(list(word_ids.values()), dtype=torch.long)] = True
     return AnswerVocab(VOCAB_NAMES[strategy], allowed, word_ids, tokenizer)
+
+
+def answer_vocab(cfg, backbone, layout) -> tuple[AnswerVocab, str]:
+    """The configured answer vocabulary in the backbone's tokenizer, and the vocab file's word list it came from
+    (data.vocab_key, or the one that fits the model family)."""
+    vocab_key = vocab_key_of(cfg)
+    vocab = build_answer_vocab(backbone.tokenizer, backbone.vocab_size, cfg.data.vocab,
+                               layout if cfg.data.uses_vocab_file else None, vocab_key)
+    return vocab, vocab_key
+
+
+def vocab_key_of(cfg) -> str:
+    """The vocab file's word list to read: data.vocab_key, or the one that fits the model family."""
+    return cfg.data.vocab_key or default_vocab_key(Path(cfg.model.name).name)

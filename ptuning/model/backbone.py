@@ -94,9 +94,9 @@ class HFBackbone:
             [m for m in model.children() if m is not self.base and not isinstance(m, nn.modules.loss._Loss)]
         ))
         self.position_offset = self._position_offset()
-        self.head_splits = self._check_head_split()
+        self.head_splits = self.check_head_split()
         self.vocab_size = self._vocab_size()
-        self.packs_rows = self._check_row_packing()
+        self.packs_rows = self.check_row_packing()
 
     # The frozen model: eval mode (no dropout) and no parameter gradients.
     def freeze(self) -> None:
@@ -123,7 +123,8 @@ class HFBackbone:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids)
 
-    def _forward_kwargs(self, layout: Layout) -> dict:
+    def forward_kwargs(self, layout: Layout) -> dict:
+        """What the Hugging Face model's forward takes for a layout: the mask (4D for shared rows) and positions."""
         if layout.packed:
             return {"attention_mask": self._mask_4d(layout.allowed(causal=self.kind == "causal")),
                     "position_ids": layout.position + self.position_offset}
@@ -150,7 +151,7 @@ class HFBackbone:
 
     def scores(self, inputs_embeds: torch.Tensor, layout: Layout) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), attention_kernels(self):
-            kwargs = self._forward_kwargs(layout)
+            kwargs = self.forward_kwargs(layout)
             if self.head_splits:
                 hidden = self.base(inputs_embeds=inputs_embeds, **kwargs)[0]
                 logits = self.head(hidden[layout.target_row, layout.target_col])
@@ -164,18 +165,19 @@ class HFBackbone:
         return torch.tensor([[min(first + i, top) for i in range(length)]], device=self.device)
 
     @torch.no_grad()
-    def _check_head_split(self) -> bool:
+    def check_head_split(self) -> bool:
+        """head(base(x)) is the model's own logits (else the full forward runs and the targets are gathered)."""
         ids = self._test_ids(6, 5)
         layout = Layout.padded(torch.ones_like(ids), torch.tensor([0], device=self.device))
         try:
-            full = self.model(input_ids=ids, **self._forward_kwargs(layout)).logits
-            split = self.head(self.base(input_ids=ids, **self._forward_kwargs(layout))[0])
+            full = self.model(input_ids=ids, **self.forward_kwargs(layout)).logits
+            split = self.head(self.base(input_ids=ids, **self.forward_kwargs(layout))[0])
         except (TypeError, RuntimeError, AttributeError):
             return False
         return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
 
     @torch.no_grad()
-    def _check_row_packing(self) -> bool:
+    def check_row_packing(self) -> bool:
         """Two facts back to back in one row score as each alone, at every position. Run without autocast and
         with a tolerance for the weights' dtype: bf16 rounding alone would otherwise fail the check and switch
         shared rows off for a reason that has nothing to do with the model."""

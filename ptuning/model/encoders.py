@@ -1,4 +1,7 @@
-"""Prompt encoders: each produces the (n_pseudo, hidden) prompt vectors of one relation.
+"""Prompt encoders: each produces the (n_pseudo, hidden) prompt vectors of one unit (a relation under one sweep
+variant). PromptEncoder is the paper's module for one unit: the reference the prompt bank's stacked computation is
+tested against (ptuning/model/stacked.py), the initialisation of every unit, and the format of the saved
+prompt files.
 
   lstm  the paper's: embedding -> 2-layer BiLSTM (hidden/2 per direction) -> Linear, ReLU, Linear
   mlp   embedding -> Linear, ReLU, Linear
@@ -44,3 +47,25 @@ class PromptEncoder(nn.Module):
         if self.kind == "lstm":
             x = self.lstm(x)[0]
         return self.mlp(x).squeeze(0)
+
+
+def initial_state(template, backbone, seed: int, cfg, embedding_std: float, hold: bool = True):
+    """A unit's starting weights (cfg: its settings): PromptEncoder's initialisation from the unit's seed, then the
+    manual template's word embeddings where prompt.init says so, as a state dict on the CPU; None where this rank
+    does not hold the unit. Every rank of a tensor-parallel group calls it: reading the words from a sharded
+    embedding is a collective."""
+    init = None
+    if cfg.prompt.init == "manual":
+        ids = template.manual_init_ids()
+        with torch.no_grad():
+            words = backbone.embed(torch.tensor([i or 0 for i in ids], device=backbone.device))
+        init = [words[k].float().cpu() if i is not None else None for k, i in enumerate(ids)]
+    if not hold:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = PromptEncoder(template.n_pseudo, backbone.hidden_size, cfg.prompt.encoder, cfg.prompt.lstm_dropout,
+                                embedding_std)
+    if init is not None:
+        encoder.init_from(init)
+    return encoder.state_dict()

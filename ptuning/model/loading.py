@@ -43,11 +43,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> tuple[str, str]:
+def resolve_dtype(name: str, device: torch.device, lm_fp16: bool = False) -> tuple[str, str]:
     """model.dtype, with "auto" made concrete for the device: (dtype name, why). bf16 weights where the device has
     bf16 matrix units: on a 2-core Sapphire Rapids (AMX) they made SmolLM2's packed training step 1.4x and its
     evaluation 2.2x faster than float32 (docs/BENCHMARKS.md). Autocast is no substitute for a frozen model: it
     casts every weight again at every call."""
+    if lm_fp16:  # the config set float16 for it (ptuning/config/checks.py)
+        return "float16", "protocol.lm_fp16: the reference's fp16 LM, without loss scaling"
     if name != "auto":
         return name, "as configured"
     if device.type == "cuda":
@@ -171,7 +173,7 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
     dtype = DTYPES[resolve_dtype(cfg.dtype, resolve_device(cfg.device))[0]]
     folder = Path(cfg.name).expanduser()
     if folder.is_dir():
-        from ptuning.model.megatron import is_merged, is_release, load_megatron
+        from ptuning.model.megatron_backbone import is_merged, is_release, load_megatron
         from model_parallel.release import ReleaseError
 
         if is_release(folder) or is_merged(folder):
@@ -192,7 +194,7 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
         ) from None
     kind = detect_kind(hf_config) if cfg.kind == "auto" else cfg.kind
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
-    if parallel.tp_size > 1 and parallel.n_groups == 1:
+    if parallel.tp_size > 1 and parallel.n_replicas == 1:
         check_tensor_parallel(hf_config, parallel)
         model = auto.from_pretrained(source, dtype=dtype, tp_plan="auto")  # one replica: each rank reads its shards
     elif parallel.tp_size > 1:

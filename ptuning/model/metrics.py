@@ -51,3 +51,9 @@ def summarize_ranks(ranks: torch.Tensor) -> dict[str, float]:
         "mrr": float((1.0 / ranks).mean()),
         "n": int(ranks.numel()),
     }
+
+
+def figures(ranks: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """The figures a record keeps of a set of ranks: {prefix}p@1, {prefix}p@10, {prefix}mrr."""
+    summary = summarize_ranks(ranks)
+    return {f"{prefix}{key}": summary[key] for key in ("p@1", "p@10", "mrr")}

@@ -10,7 +10,7 @@ from ptuning.output import stats
 from ptuning.files import WriteError
 from ptuning.output.progress import Progress
 from ptuning.output.results import Report, plot_p_at_1
-from ptuning.output.store import FINAL, RunStore
+from ptuning.output.store import RunStore, is_final
 from ptuning.config.sweep import Variant, unit_id
 from ptuning.output.wandb_log import WandbLogger
 
@@ -42,13 +42,13 @@ class Coordinator:
                     uid = unit_id(rid, variant.name)
                     epochs = self._log_epochs(uid, rid, variant)
                     record = own if not variant.name else self.store.result(uid)
-                    final = (record or {}).get("status") in FINAL
+                    final = is_final(record)
                     units_done += final
                     # a unit that stopped early has done its remaining epochs too
                     epochs_done += variant.cfg.train.max_epochs if final else epochs
                     if record is None or (variant.name and record == self._seen.get(uid)):
                         continue
-                    was_final = (self._seen.get(uid) or {}).get("status") in FINAL
+                    was_final = is_final(self._seen.get(uid))
                     self._seen[uid] = record
                     if variant.name:
                         units[rid, variant.name] = record

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ptuning.files import atomic_write_bytes, atomic_write_text
+from ptuning.output.store import is_final
 
 
 RESULT_KEYS = ("relations", "macro", "micro", "best_on_dev", "statistics")  # what a run adds to its header
@@ -33,7 +34,7 @@ def header_of(payload: dict[str, Any]) -> dict[str, Any]:
 
 def averages(relations: dict[str, dict]) -> dict[str, dict[str, Any]]:
     """Macro (mean over relations, the paper's number) and micro (over facts) averages of every P@1 column."""
-    done = [r for r in relations.values() if r.get("status") in ("done", "manual_only", "evaluated")]
+    done = [r for r in relations.values() if is_final(r)]
     out: dict[str, dict[str, Any]] = {"macro": {}, "micro": {}}
     for key in ("manual_p@1", "test_p@1", "test_p@10", "test_mrr", "dev_p@1"):
         rows = [r for r in done if r.get(key) is not None]
@@ -202,7 +203,7 @@ class Report:
         best: dict[str, str] = {}
         for rid, r in relations.items():
             done = {n: u for n, u in (r.get("variants") or {}).items()
-                    if u.get("status") in ("done", "evaluated", "manual_only")}
+                    if is_final(u)}
             if done:
                 best[rid] = max(done, key=lambda n: (done[n].get("dev_p@1", -1), -list(done).index(n)))
         self.payload["best_on_dev"] = best
@@ -223,7 +224,7 @@ def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
     """Bar chart of test P@1 per relation, manual prompt next to P-tuned (each setting of a sweep: its mean over
     seeds, the standard deviation as an error bar); None when there is nothing to draw."""
     rows = [(rid, r) for rid, r in payload["relations"].items() if r.get("status") != "skipped"
-            and (r.get("status") in ("done", "manual_only", "evaluated") or r.get("variants"))]
+            and (is_final(r) or r.get("variants"))]
     if not rows:
         return None
     settings = (payload.get("statistics") or {}).get("settings", {}) if payload.get("variants") else {}

@@ -26,7 +26,6 @@ import fcntl
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,37 +33,31 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ptuning.config import ConfigError, ExperimentConfig, config_from_dict
-from ptuning.files import DataError, cause_of, read_json_object, write_error
-from ptuning.files import atomic_write, atomic_write_text, load_tensors, save_tensors
+from ptuning.files import (DataError, atomic_write_text, cause_of, load_tensors, read_json_object, save_tensors,
+                           write_error)
+from ptuning.train import checkpoint
 
-FINAL = ("done", "manual_only", "evaluated")
+# A unit's record is final when its status is what its mode ends with: trained, manual prompt only, re-evaluated.
+FINAL = {"train": "done", "manual": "manual_only", "evaluate": "evaluated"}
 
-# Keys that do not change a unit's figures beyond float rounding (a unit computes the same alone or packed: its
-# encoder's stack, Adam and dropout generator are its own); a resumed folder may differ in them. Under
-# protocol.lm_dropout the LM's masks come from the process's generator, so there the packs are kept.
-NEUTRAL = {"model": {"device"}, "data": {"data_dir", "relations"},
-           "train": {"pack_units", "bucket_rows", "row_tokens", "eval_batch_size", "manual_baseline"}}
+
+def is_final(record: dict | None) -> bool:
+    return (record or {}).get("status") in FINAL.values()
+
 IDENTITY_SECTIONS = ("model", "data", "prompt", "train", "protocol", "deepspeed")
 
 
 def identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The settings a folder's results depend on: all but the result-neutral ones (config.schema.RESULT_NEUTRAL)."""
     full = cfg.to_dict()
+    neutral = cfg.result_neutral()
     out = {}
     for section in IDENTITY_SECTIONS:
         values = full[section]
         if isinstance(values, dict):
-            neutral = set(NEUTRAL.get(section, ()))
-            if section == "train" and cfg.protocol.lm_dropout:  # the LM's dropout masks follow the packs
-                neutral.discard("pack_units")
-            values = {k: v for k, v in values.items() if k not in neutral}
+            values = {k: v for k, v in values.items() if f"{section}.{k}" not in neutral}
         out[section] = values
     return out
-
-
-# What UnitRun.state_dict writes, by type: a checkpoint without one of them is not one of ours.
-CHECKPOINT_FIELDS = {"epoch": int, "order": list, "cursor": int, "best_dev": float, "best_epoch": int,
-                     "bad_epochs": int, "dev_history": list, "seconds": (int, float), "generator": torch.Tensor,
-                     "torch_rng": torch.Tensor, "optimizer": dict}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -148,7 +141,7 @@ class RunStore:
         for folder in sorted(p for p in list(relations.glob("*")) + list(relations.glob("*/*")) if p.is_dir()):
             unit = str(folder.relative_to(relations))
             self.result(unit), self.progress(unit), self.ranks(unit, "test"), self.ranks(unit, "manual")
-            self.load_checkpoint(unit)
+            checkpoint.read(self.checkpoint_path(unit), unit)
             if self.encoder_path(unit).is_file():
                 try:
                     with safe_open(self.encoder_path(unit), framework="pt"):
@@ -189,36 +182,6 @@ class RunStore:
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_path(self, unit: str) -> Path:
         return self.unit_dir(unit) / "checkpoint.pt"
-
-    def save_checkpoint(self, unit: str, state: dict[str, Any]) -> None:
-        """Serialised straight into a temporary file beside the checkpoint, then renamed: no copy in memory (an
-        11B relation's state is ~2 GB) and never half a checkpoint."""
-        atomic_write(self.checkpoint_path(unit), lambda handle: torch.save(state, handle))
-
-    def load_checkpoint(self, unit: str) -> dict[str, Any] | None:
-        path = self.checkpoint_path(unit)
-        if not path.is_file():
-            return None
-        how = f"delete it to restart {unit} from scratch"
-        try:
-            # memory-mapped: every rank of a group reads each checkpoint for its schedule; only the owner
-            # touches the ~2 GB of encoder and optimizer state
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # a truncated or foreign file: say which, and how to go on
-            why = (f"{type(error).__name__}: {str(error).splitlines()[0]}" if zipfile.is_zipfile(path) else
-                   "not a whole torch checkpoint: truncated, or another kind of file")
-            raise DataError(f"{path}: cannot read the checkpoint ({why}); {how}") from None
-        if not isinstance(state, dict):
-            raise DataError(f"{path}: not a checkpoint of this program (a {type(state).__name__}); {how}")
-        for key, kind in CHECKPOINT_FIELDS.items():
-            if key not in state:
-                raise DataError(f"{path}: not a checkpoint of this program (no '{key}'); {how}")
-            if not isinstance(state[key], kind) or isinstance(state[key], bool):
-                raise DataError(f"{path}: field '{key}' is a {type(state[key]).__name__}; {how}")
-        return state
-
-    def remove_checkpoint(self, unit: str) -> None:
-        self.checkpoint_path(unit).unlink(missing_ok=True)
 
     # ---- prompts ----------------------------------------------------------------------------------------------
     def encoder_path(self, unit: str) -> Path:

@@ -1,1 +1,1 @@
-"""Ranks and groups, packs of units, what fits on a device, and the prompt bank."""
+"""Ranks and their groups (replicas, tensor-parallel groups), and the packs of units each replica trains."""

@@ -1,12 +1,12 @@
 """What the library knows of parallelism: the process groups it is handed, never how they were launched.
 
-World = data-parallel groups x tensor-parallel size. Relations are spread over the data-parallel groups (each
-group trains its relations packed); the ranks of one tensor-parallel group hold shards of one model and train the
-same relations, each relation's prompt encoder on one of them (ptuning/parallel/prompt_bank.py).
+World = replicas x tensor-parallel size. A replica is one copy of the model: a tensor-parallel group of ranks that
+hold its shards and train the same units (each unit's prompt encoder on one of them: ptuning/train/prompt_bank.py).
+Units are spread over the replicas (ptuning/parallel/packs.py). "Group" means a torch.distributed process group,
+nothing else.
 """
 from __future__ import annotations
 
-import heapq
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +19,8 @@ import torch.distributed as dist
 class ParallelContext:
     rank: int = 0
     world_size: int = 1
-    group_index: int = 0  # which data-parallel group (set of relations) this rank works on
-    n_groups: int = 1
+    replica: int = 0  # which data-parallel replica (one model copy, its units) this rank works on
+    n_replicas: int = 1
     tp_size: int = 1
     tp_rank: int = 0  # rank inside the tensor-parallel group
     tp_group: Any = None  # torch.distributed group of this rank's tensor-parallel peers (None: no peers)
@@ -57,15 +57,15 @@ class ParallelContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=self.tp_control)
         return int(tensor.item())
 
-    def sync_module(self, module: torch.nn.Module) -> None:
-        """Make a module identical across the tensor-parallel group: broadcast from its first rank."""
+    def sync_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Make tensors identical across the tensor-parallel group: broadcast from its first rank (on the device
+        the group's backend needs)."""
         if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
             return
         source = dist.get_global_rank(self.tp_group, 0)
         with torch.no_grad():
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(tensor.data, src=source, group=self.tp_group)
-
+            for tensor in tensors:
+                dist.broadcast(tensor, src=source, group=self.tp_group)
 
     def solo_mpu(self) -> "SoloMPU":
         if self.solo_group is None:
@@ -97,35 +97,6 @@ class SoloMPU:
 
     def get_data_parallel_group(self) -> Any:
         return self.group
-
-
-def balance(weights: dict[str, int], n_groups: int) -> list[list[str]]:
-    """Largest first onto the least-loaded group; ties go to the lowest group index. Deterministic, so every rank
-    computes the same assignment."""
-    groups: list[list[str]] = [[] for _ in range(n_groups)]
-    heap = [(0, i) for i in range(n_groups)]
-    for name in sorted(weights, key=lambda n: (-weights[n], n)):
-        load, index = heapq.heappop(heap)
-        groups[index].append(name)
-        heapq.heappush(heap, (load + weights[name], index))
-    return groups
-
-
-def assign_packs(weights: dict[str, int], pack_units: int | str, n_groups: int) -> list[list[list[str]]]:
-    """Each data-parallel group's packs: the units that train together in one batch (weights: training facts per
-    unit, in the run's order: relation by relation, each relation's variants side by side).
-
-    pack_units N > 0: packs of N units in that order, a function of the config alone, so a unit trains with the
-    same companions (and computes the same floats) whatever the world size; groups take whole packs, largest first
-    onto the least loaded. 0 or "auto": each group's balanced share of the units as one pack (the trainer splits
-    it by memory under "auto"): the quickest use of N groups, but the packs depend on N."""
-    if isinstance(pack_units, int) and pack_units > 0:
-        names = list(weights)
-        packs = {names[i]: names[i:i + pack_units] for i in range(0, len(names), pack_units)}
-        shares = balance({first: sum(weights[r] for r in pack) for first, pack in packs.items()}, n_groups)
-        order = {first: k for k, first in enumerate(packs)}
-        return [[packs[first] for first in sorted(share, key=order.get)] for share in shares]
-    return [[share] if share else [] for share in balance(weights, n_groups)]
 
 
 def set_compute(threads: int, deterministic: bool) -> None:

@@ -60,7 +60,7 @@ class LMTuning:
         return optimizer, engine
 
     def _engine(self, encoder: torch.nn.Module | None, groups: list[dict], train):
-        """Each data-parallel group fine-tunes its own relation, so DeepSpeed's data-parallel group is this rank
+        """Each replica fine-tunes its own unit, so DeepSpeed's data-parallel group is this rank
         alone."""
         import deepspeed
 

@@ -12,7 +12,7 @@ For tensor parallel 1, 2, 4 and 8, per rank: the LM's weights (bf16/fp16), each 
 (fp32 parameters, gradients and Adam on the device; its best copy in host memory) with the encoders sharded over
 the group (parallel.shard_prompts), the activations a packed step keeps for backward to the prompts (the LM is
 frozen: no weight gradients, no optimizer state), and how many relations pack within --gpu-mem. The arithmetic is
-ptuning/parallel/capacity.py's, the same that train.pack_units "auto" uses.
+ptuning/model/capacity.py's, the same that train.pack_units "auto" uses.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 from model_parallel.megatron import MegatronLM, empty_megatron
 from model_parallel.release import MegatronSpec, split_dim
-from ptuning.parallel import capacity
+from ptuning.model import capacity
 from ptuning.config import ConfigError, load_config
 from ptuning.data.templates import default_counts
 

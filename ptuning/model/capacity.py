@@ -1,6 +1,5 @@
 """How many units (relations under one variant each) pack on one device: the arithmetic behind train.pack_units
-"auto" and the memory
-report (python -m model_parallel.memory).
+"auto" and the memory report (python -m model_parallel.memory).
 
 Per rank, for k units packed, with the prompt encoders sharded over a tensor-parallel group of size tp:
 
@@ -61,7 +60,7 @@ def encoder_parameters(n_pseudo: int, hidden: int, kind: str) -> int:
 
 
 def encoder_bytes(parameters: int) -> dict[str, int]:
-    """One relation's encoder state, fp32."""
+    """One unit's encoder state, fp32."""
     return {"parameters": 4 * parameters, "gradients": 4 * parameters, "adam": 8 * parameters,
             "best copy (host)": 4 * parameters}
 
@@ -117,3 +116,22 @@ def plan_for(backbone, cfg, tp_shards: int) -> Plan:
     return Plan(k, f"{free / GIB:.1f} GiB free of {total / GIB:.1f} GiB, {RESERVE:.0%} kept back; per unit "
                    f"{encoder / GIB:.2f} GiB of encoder state (on 1 of {tp_shards} ranks) and "
                    f"{activations / GIB:.2f} GiB of activations")
+
+
+def pack_size(units: list, backbone, cfg, parallel, sharded: bool, progress) -> int | None:
+    """How many units train together, where that is decided here: one at a time while the LM trains; with
+    train.pack_units "auto" as many as the device's memory holds (for the largest encoder among the units'
+    variants; every unit on a CPU), agreed across the tensor-parallel group. None: the packs stand as assigned."""
+    if cfg.train.tunes_lm:
+        return 1
+    if cfg.train.pack_units != "auto":
+        return None
+    shards = parallel.tp_size if sharded else 1
+    plans = [plan_for(backbone, variant_cfg, shards)
+             for variant_cfg in {id(u.variant): u.variant.cfg for u in units}.values()]
+    plan = min(plans, key=lambda p: p.units if p.units is not None else float("inf"))
+    chosen = min(len(units), plan.units) if plan.units is not None else len(units)
+    chosen = parallel.agree(chosen, "min")  # peers' free memory may differ; their packs may not
+    progress(f"pack_units auto: {max(1, chosen)} of {len(units)} units per pack ({plan.reason})"
+             + ("; WARNING: by this estimate not even one fits, trying one" if chosen < 1 else ""))
+    return max(1, chosen)
