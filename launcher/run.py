@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                            "$LAMA_DATA, ./data)")
     parser.add_argument("--out", help="output folder (same as --set output.dir=...)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher
+    parser.add_argument("--control", choices=["random-lm"],
+                        help="a probing control: random-lm P-tunes the same architecture with freshly initialised, "
+                             "seeded weights (same as --set model.control=random-lm)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--only-evaluate", action="store_true",
                       help="evaluate the prompt encoders saved in the output folder; no training")
@@ -52,6 +55,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"data.relations={args.relations}")
     if args.out:
         overrides.append(f"output.dir={args.out}")
+    if args.control:
+        overrides.append(f"model.control={args.control}")
     return load_config(args.config, overrides, args.sweep)
 
 
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown()
     if payload is not None:
-        from ptuning.output.results import render_markdown
+        from ptuning.output.markdown import render_markdown
 
         print(render_markdown(payload))
         print(f"results: {cfg.output.dir}/results.json, {cfg.output.dir}/results.md")

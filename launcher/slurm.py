@@ -37,7 +37,8 @@ from ptuning.parallel.packs import balance
 from ptuning.config import config_from_dict
 from ptuning.output.coordinator import Coordinator
 from ptuning.files import atomic_write_text
-from ptuning.output.results import header_of, render_markdown
+from ptuning.output.markdown import render_markdown
+from ptuning.output.results import header_of
 from ptuning.output.store import RunStore
 from ptuning.config.sweep import variants
 

@@ -19,10 +19,11 @@ from ptuning.data.lama import (DataError, check_subset, check_subset_task, descr
                                read_vocab_words, select_relations)
 from ptuning.data.tasks import RelationTask, prepare_task, read_relation
 from ptuning.data.templates import TemplateError, rows_of
-from ptuning.data.vocab import answer_vocab, vocab_key_of
+from ptuning.data.controls import facts_of, relation_controls
+from ptuning.data.vocab import AnswerVocab, answer_vocab, vocab_key_of
 from ptuning.files import one_line
 from ptuning.model.loading import ModelError, load_backbone, resolve_device, resolve_dtype
-from ptuning.model.metrics import figures
+from ptuning.model.metrics import TOP, figures
 from ptuning.output.coordinator import Coordinator
 from ptuning.output.progress import Progress
 from ptuning.output.store import FINAL, RunStore
@@ -72,7 +73,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         store.lock(ctx.job or f"pid {os.getpid()}")
         store.check_resumable(cfg)
 
-    backbone = load_backbone(cfg.model, ctx)
+    backbone = load_backbone(cfg.model, ctx, seed=cfg.train.seed)
     vocab, vocab_key = answer_vocab(cfg, backbone, layout)
     mapped = cfg.data.uses_vocab_file and vocab_key != Path(cfg.model.name).name
     tasks = [prepare_task(infos[r], facts[r], vocab, cfg.data) for r in relation_ids]
@@ -95,6 +96,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
         "vocab": f"{vocab.name} ({vocab_key} list mapped)" if mapped else vocab.name,
         "vocab_strategy": cfg.data.vocab, "vocab_key": vocab_key if cfg.data.uses_vocab_file else None,
         "answer_vocab_size": vocab.size, "mode": cfg.train.mode if mode == "train" else mode,
+        "control": cfg.model.control,
         "protocol": cfg.protocol.describe(),
         "data_dir": str(layout.root), "world_size": ctx.world_size, "config": cfg.to_dict(),
     }
@@ -105,6 +107,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     coordinator = None
     if ctx.coordinator:
         store.begin(cfg)  # only now, with the model loaded, is an old folder cleared (output.resume false)
+        for task in ready:
+            store.write_facts(task.id, facts_of(task))
         coordinator = Coordinator(store, header, {t.id: _base_fields(t) for t in tasks}, sweep,
                                   _wandb(cfg, store, header, sweep) if cfg.logging.wandb else None, progress)
         coordinator.start()
@@ -112,7 +116,9 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, mode: str = "tra
     ctx.barrier()  # the folder is cleared (or kept) before any rank writes to it
     progress.line(f"data: {describe(layout)}")
     progress.line(f"model: {cfg.model.name}, {backbone.kind} LM, weights in {cfg.model.dtype} ({why})")
-    worker = _Worker(cfg, store, backbone, vocab.allowed, ctx, progress, header,
+    if cfg.model.control == "random-lm":
+        progress.line(f"control random-lm: the weights are freshly initialised (seed {cfg.train.seed}), not trained")
+    worker = _Worker(cfg, store, backbone, vocab, ctx, progress, header,
                      {r for r, g in manual_replica.items() if g == ctx.replica})
     if ready:
         worker.trainer.templates.check([v.cfg for v in sweep], ready[0])
@@ -140,6 +146,8 @@ def _base_fields(task: RelationTask) -> dict[str, Any]:
                               "capped": task.capped, "test_facts": task.fingerprint("test")}
     if task.skip_reason:
         fields.update(status="skipped", reason=task.skip_reason)
+    else:
+        fields.update(relation_controls(task))
     return fields
 
 
@@ -154,12 +162,16 @@ class _Worker(Events):
     """What every rank does with its replica's units; only each unit's writer writes. As the training loop's Events
     it records each finished unit and each epoch's progress, and runs the manual baseline ahead of each pack."""
 
-    def __init__(self, cfg: ExperimentConfig, store: RunStore, backbone, allowed, ctx: ParallelContext,
+    def __init__(self, cfg: ExperimentConfig, store: RunStore, backbone, vocab: AnswerVocab, ctx: ParallelContext,
                  progress: Progress, header: dict[str, Any], manual: set[str]):
-        self.cfg, self.store, self.ctx, self.progress = cfg, store, ctx, progress
+        self.cfg, self.store, self.ctx, self.progress, self.vocab = cfg, store, ctx, progress, vocab
         self.manual = manual  # the relations whose manual baseline this replica evaluates
-        self.trainer = Trainer(backbone, cfg, allowed, progress=progress.line, parallel=ctx)
+        self.trainer = Trainer(backbone, cfg, vocab.allowed, progress=progress.line, parallel=ctx)
         self.model_name = header["model"]
+
+    def write_ranks(self, unit: str, kind: str, ranks: list[int], top: list[list[int]]) -> None:
+        """Each test fact's rank and best answers (as words)."""
+        self.store.write_ranks(unit, kind, ranks, [self.vocab.words(ids) for ids in top])
 
     def record(self, unit: str, fields: dict[str, Any]) -> None:
         """A record this rank's tensor-parallel group shares (the manual baseline): its first rank writes it."""
@@ -205,10 +217,10 @@ class _Worker(Events):
             return
         self.progress.line(f"manual prompts: evaluating test for {len(need)} relations")
         forward = self.trainer.forward
-        for task, ranks in zip(need, forward.ranks(forward.manual_items(need))):
-            self.record(task.id, figures(ranks, "manual_"))
+        for task, ranks, top in zip(need, *forward.predictions(forward.manual_items(need), TOP)):
             if self.ctx.writer:
-                self.store.write_ranks(task.id, "manual", ranks.tolist())
+                self.write_ranks(task.id, "manual", ranks.tolist(), top.tolist())
+            self.record(task.id, figures(ranks, "manual_"))
 
     def epoch_ended(self, run: UnitRun) -> None:
         """Progress after every epoch (for W&B and the progress bar, read by the coordinator)."""
@@ -225,7 +237,7 @@ class _Worker(Events):
                     "model": self.model_name, "encoder": cfg.prompt.encoder,
                     "template": ",".join(map(str, outcome.counts)), "anchors": str(cfg.prompt.anchors)})
             self.store.write_progress(unit, {"dev_history": outcome.metrics["dev_history"]})
-            self.store.write_ranks(unit, "test", outcome.test_ranks)
+            self.write_ranks(unit, "test", outcome.test_ranks, outcome.test_top)
             self.store.write_result(unit, {"status": FINAL["train"], **outcome.metrics})
         if not self.ctx.coordinator:  # the coordinator announces every unit as its record lands
             self.progress.line(f"{unit} done: test P@1 {outcome.metrics['test_p@1']:.3f} "
@@ -241,9 +253,10 @@ class _Worker(Events):
                 raise DataError(f"{self.store.encoder_path(unit.id)}: does not fit the configured prompt encoder "
                                 f"({one_line(error)})") from None
             loaded.append((unit, vector, self.trainer.templates.ptuning(unit.task, unit.variant.cfg)))
-        ranks = {split: forward.ranks([(vector, rows_of(template, unit.task, split))
-                                       for unit, vector, template in loaded]) for split in ("dev", "test")}
-        for (unit, _, _), dev, test in zip(loaded, ranks["dev"], ranks["test"]):
-            self.record(unit.id, {"status": FINAL["evaluate"], **figures(dev, "dev_"), **figures(test, "test_")})
+        dev = forward.ranks([(vector, rows_of(template, unit.task, "dev")) for unit, vector, template in loaded])
+        test, top = forward.predictions([(vector, rows_of(template, unit.task, "test"))
+                                         for unit, vector, template in loaded], TOP)
+        for (unit, _, _), dev_ranks, ranks, best in zip(loaded, dev, test, top):
             if self.ctx.writer:
-                self.store.write_ranks(unit.id, "test", test.tolist())
+                self.write_ranks(unit.id, "test", ranks.tolist(), best.tolist())
+            self.record(unit.id, {"status": FINAL["evaluate"], **figures(dev_ranks, "dev_"), **figures(ranks, "test_")})

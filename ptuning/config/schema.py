@@ -30,6 +30,9 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16", "auto"))
     bf16: bool = False  # bf16 autocast around the language model
     add_bos: bool = False  # causal LMs: start every prompt with the BOS token (GPT-2 style LAMA runs use none)
+    # random-lm: the same architecture and tokenizer with freshly initialised weights, seeded by train.seed (the
+    # run's; a sweep's variants share the LM): what P-tuning learns from the training facts alone.
+    control: str = field(default="none", metadata=_choices("none", "random-lm"))
 
 
 @dataclass

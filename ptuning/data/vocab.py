@@ -64,6 +64,13 @@ class AnswerVocab:
     def size(self) -> int:
         return int(self.allowed.sum())
 
+    def __post_init__(self):
+        self.id_words = {i: w for w, i in (self.word_ids or {}).items()}
+
+    def words(self, ids: list[int]) -> list[str]:
+        """The answer word of each id: the vocabulary file's word where there is one, else the decoded token."""
+        return [self.id_words.get(i) or self.tokenizer.decode([i]).strip() for i in ids]
+
     def object_ids(self, words: list[str]) -> list[int | None]:
         """The answer id of each object word, or None where the object cannot be answered in this vocabulary."""
         if self.word_ids is not None:

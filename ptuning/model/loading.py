@@ -161,9 +161,9 @@ def shard_on_group(model, parallel: ParallelContext):
     return apply_tensor_parallelism(model, mesh, plan)
 
 
-def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
+def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None, seed: int = 0):
     """A Backbone for the configured model: MegatronBackbone for a Megatron-11B folder (the fairseq release or
-    a merged one), HFBackbone for everything else."""
+    a merged one), HFBackbone for everything else. seed: model.control random-lm's initialisation."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -177,6 +177,9 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
         from model_parallel.release import ReleaseError
 
         if is_release(folder) or is_merged(folder):
+            if cfg.control != "none":
+                raise ModelError(f"model.control {cfg.control}: Hugging Face models only, not the Megatron-11B "
+                                 "backbone")
             try:
                 return load_megatron(folder, TOKENIZERS.get(cfg.tokenizer, cfg.tokenizer), parallel.tp_size,
                                      parallel.tp_rank, parallel.tp_group, dtype,
@@ -194,7 +197,15 @@ def load_backbone(cfg: ModelConfig, parallel: ParallelContext | None = None):
         ) from None
     kind = detect_kind(hf_config) if cfg.kind == "auto" else cfg.kind
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
-    if parallel.tp_size > 1 and parallel.n_replicas == 1:
+    if cfg.control == "random-lm":
+        with torch.random.fork_rng(devices=[]):  # the run's own random streams stay as they were
+            torch.manual_seed(seed)
+            model = auto.from_config(hf_config, dtype=dtype)  # transformers' own initialisation of the family
+        if parallel.tp_size > 1:
+            check_tensor_parallel(hf_config, parallel)
+            model = shard_on_group(model, parallel)
+        model = model.to(resolve_device(cfg.device))
+    elif parallel.tp_size > 1 and parallel.n_replicas == 1:
         check_tensor_parallel(hf_config, parallel)
         model = auto.from_pretrained(source, dtype=dtype, tp_plan="auto")  # one replica: each rank reads its shards
     elif parallel.tp_size > 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+TOP = 10  # the answers a prediction file keeps per fact
+
 
 def restricted_ranks(logits: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor,
                      shard=None) -> torch.Tensor:
@@ -29,6 +31,35 @@ def restricted_ranks(logits: torch.Tensor, labels: torch.Tensor, allowed: torch.
     if shard is not None:
         dist.all_reduce(count, group=shard.group)
     return count + 1
+
+
+def restricted_top(logits: torch.Tensor, allowed: torch.Tensor, k: int, shard=None) -> torch.Tensor:
+    """The k best allowed ids of each row, best first, ties by id as in restricted_ranks (so the first is the
+    label exactly where its rank is 1). With a vocab shard each rank's k best are gathered across the group."""
+    logits = logits.float()
+    start = 0 if shard is None else shard.start
+    local = allowed[start:start + logits.shape[1]].nonzero().squeeze(1)
+    # a stable sort keeps equal logits in id order
+    values, order = logits[:, local].sort(dim=1, descending=True, stable=True)
+    values, ids = values[:, :k], local[order[:, :k]] + start
+    if values.shape[1] < k:  # fewer allowed ids than k on this shard: pad, so every rank gathers one shape
+        fill = k - values.shape[1]
+        values = torch.cat([values, values.new_full((len(values), fill), float("-inf"))], dim=1)
+        ids = torch.cat([ids, ids.new_full((len(ids), fill), -1)], dim=1)
+    if shard is not None:
+        values = _gather(values, shard.group)
+        ids = _gather(ids, shard.group)
+        by_id = ids.argsort(dim=1, stable=True)  # then by logit, stably: the order is (logit desc, id asc)
+        values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+        best = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+        ids = ids.gather(1, best)
+    return ids
+
+
+def _gather(t: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shard=None) -> torch.Tensor:

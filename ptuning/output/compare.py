@@ -1,12 +1,14 @@
 """Compare runs: per-relation and macro test P@1 of run folders or of the settings of a sweep, the differences to
 the first with paired bootstrap 95% intervals, and a plot of per-relation P@1 with the seeds' spread.
 
-    python -m ptuning.compare RUN_A RUN_B [...] [--plot compare.png]
+    python -m ptuning.compare RUN_A RUN_B [...] [--plot compare.png] [--subset uhn]
 
 Each argument is an output folder (every setting it holds: the run's own, or each setting of a sweep), or
 FOLDER:SETTING for one of them (FOLDER:manual for its manual prompt). Entries are paired on test facts, which
 needs the same relations with the same test facts (checked by a fingerprint of each relation's test set); the
-relations all entries finished are compared.
+relations all entries finished are compared. --subset uhn compares on each relation's UHN subset only (the test
+facts whose object is not in the subject's name: ptuning/data/controls.py); a random-lm control's folder
+(--control random-lm) compares like any other.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptuning.output import stats
+from ptuning.data.controls import SUBSETS, subset_mask
+from ptuning.output import probing, stats
 from ptuning.files import DataError, read_json_object
 from ptuning.output.results import grouped_bars
 from ptuning.output.store import RunStore
@@ -29,8 +32,8 @@ class Entry:
     fingerprints: dict[str, str]  # relation -> its test set's fingerprint
 
 
-def entries(spec: str) -> list[Entry]:
-    """The settings of one argument (FOLDER or FOLDER:SETTING)."""
+def entries(spec: str, subset: str | None = None) -> list[Entry]:
+    """The settings of one argument (FOLDER or FOLDER:SETTING), on a subset of the test facts (None: all)."""
     folder, _, wanted = spec.partition(":")
     store = RunStore(folder)
     payload = read_json_object(Path(folder) / "results.json", "a run's results.json")
@@ -60,7 +63,21 @@ def entries(spec: str) -> list[Entry]:
         if not ranks:
             raise DataError(f"{folder}: no finished unit of setting {name!r} has test ranks")
         label = Path(folder).name + (f":{name}" if name else "")
-        out.append(Entry(label, stats.setting_from_ranks(ranks, seeds), prints))
+        setting = stats.setting_from_ranks(ranks, seeds)
+        if subset is not None:
+            setting = probing.subset_setting(setting, _masks(store, list(ranks), subset))
+        out.append(Entry(label, setting, prints))
+    return out
+
+
+def _masks(store: RunStore, relations: list[str], subset: str) -> dict[str, list[bool]]:
+    out = {}
+    for rid in relations:
+        facts = store.facts(rid)
+        if facts is None:
+            raise DataError(f"{store.unit_dir(rid) / 'test_facts.jsonl'}: missing (a run from before the probing "
+                            f"controls): --subset {subset} needs it")
+        out[rid] = subset_mask(facts, subset)
     return out
 
 
@@ -114,15 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="output folders, or FOLDER:SETTING (FOLDER:manual)")
     parser.add_argument("--plot", default="compare.png", help="where the per-relation plot goes")
+    parser.add_argument("--subset", choices=SUBSETS, help="compare on this subset of each relation's test facts")
     opts = parser.parse_args(argv)
     try:
-        group = _common([e for spec in opts.runs for e in entries(spec)])
+        group = _common([e for spec in opts.runs for e in entries(spec, opts.subset)])
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if len(group) < 2:
         print("error: give two entries to compare (two folders, or a sweep with two settings)", file=sys.stderr)
         return 2
+    if opts.subset:
+        facts = sum(hits.shape[1] for hits in group[0].setting.hits.values())
+        print(f"On the {opts.subset.upper()} subset of the test facts ({facts} facts).\n")
     print(table(group))
     print(f"plot: {plot(group, Path(opts.plot))}")
     return 0

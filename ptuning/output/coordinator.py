@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ptuning.output import stats
+from ptuning.data.controls import subset_mask
+from ptuning.output import probing, stats
 from ptuning.files import WriteError
 from ptuning.output.progress import Progress
 from ptuning.output.results import Report, plot_p_at_1
@@ -100,12 +101,39 @@ class Coordinator:
         if self.error is not None:
             raise self.error
         self.poll()
+        self.probe()
         self.report.add_statistics(self.statistics())
         payload = self.report.payload
         plot = plot_p_at_1(payload, self.store.root / "p_at_1.png")
         if self.logger is not None:
             self.logger.finish(payload, plot)
         return payload
+
+    def probe(self) -> None:
+        """Each finished unit's controls (ptuning/output/probing.py) into the report, and its predictions.jsonl."""
+        relations, units = {}, {}
+        for rid in self.relations:
+            facts = self.store.facts(rid)
+            if facts is None:  # a folder from before the controls
+                continue
+            majority = self.report.payload["relations"][rid]["majority_object"]
+            manual_ranks = self.store.ranks(rid, "manual")
+            manual = None if manual_ranks is None else (manual_ranks, self.store.top(rid, "manual"))
+            fields = {} if manual is None else probing.manual_fields(facts, manual_ranks)
+            for variant in self.variants:
+                uid = unit_id(rid, variant.name)
+                ranks = self.store.ranks(uid, "test")
+                ptuned = None if ranks is None else (ranks, self.store.top(uid, "test"))
+                if ptuned is not None:
+                    own = probing.unit_fields(facts, *ptuned, majority)
+                    if variant.name:
+                        units[rid, variant.name] = own
+                    else:
+                        fields.update(own)
+                if ptuned is not None or (manual is not None and not variant.name):
+                    self.store.write_predictions(uid, probing.prediction_lines(facts, manual, ptuned))
+            relations[rid] = fields
+        self.report.merge(relations, units)
 
     def statistics(self) -> dict[str, Any]:
         """Per setting (the variants that differ only by seed): the seeds pooled over the relations every one of
@@ -127,12 +155,25 @@ class Coordinator:
             hits[name] = stats.setting_from_ranks(ranks, seeds)
             out["settings"][name] = {**stats.summary(hits[name]), "relations": stats.relation_spread(hits[name])}
         manual = {rid: [r] for rid in self.relations if (r := self.store.ranks(rid, "manual")) is not None}
+        facts = {rid: f for rid in self.relations if (f := self.store.facts(rid)) is not None}
+        uhn = {rid: subset_mask(f, "uhn") for rid, f in facts.items()}
+        if facts:
+            majority = {rid: self.report.payload["relations"][rid]["majority_object"] for rid in facts}
+            out["majority"] = stats.summary(probing.majority_setting(facts, majority))
+        for name, setting in hits.items():
+            if uhn.keys() >= setting.hits.keys():
+                out["settings"][name]["uhn"] = stats.summary(probing.subset_setting(setting, uhn))
         if manual:
             manual_setting = stats.setting_from_ranks(manual, [0])
             out["manual"] = stats.summary(manual_setting)
+            if uhn.keys() >= manual.keys():
+                out["manual"]["uhn"] = stats.summary(probing.subset_setting(manual_setting, uhn))
             for name, setting in hits.items():
                 if setting.hits.keys() == manual_setting.hits.keys():
                     out["settings"][name]["gain_over_manual"] = stats.difference(setting, manual_setting)
+                    if "uhn" in out["settings"][name]:
+                        out["settings"][name]["uhn"]["gain_over_manual"] = stats.difference(
+                            probing.subset_setting(setting, uhn), probing.subset_setting(manual_setting, uhn))
         names = list(hits)
         if len(names) > 1:
             first = hits[names[0]]

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ptuning.files import atomic_write_bytes, atomic_write_text
+from ptuning.output.markdown import pct, render_markdown
 from ptuning.output.store import is_final
 
 
+# the probing controls' per-relation figures (ptuning/output/probing.py), averaged like the P@1 columns
+CONTROL_KEYS = ("majority_p@1", "prior_share", "in_subject", "manual_uhn_p@1", "test_uhn_p@1")
 RESULT_KEYS = ("relations", "macro", "micro", "best_on_dev", "statistics")  # what a run adds to its header
 
 
@@ -36,131 +39,17 @@ def averages(relations: dict[str, dict]) -> dict[str, dict[str, Any]]:
     """Macro (mean over relations, the paper's number) and micro (over facts) averages of every P@1 column."""
     done = [r for r in relations.values() if is_final(r)]
     out: dict[str, dict[str, Any]] = {"macro": {}, "micro": {}}
-    for key in ("manual_p@1", "test_p@1", "test_p@10", "test_mrr", "dev_p@1"):
+    for key in ("manual_p@1", "test_p@1", "test_p@10", "test_mrr", "dev_p@1") + CONTROL_KEYS:
         rows = [r for r in done if r.get(key) is not None]
         if not rows:
             continue
-        weight = "n_dev" if key.startswith("dev") else "n_test"
+        weight = "n_dev" if key.startswith("dev") else "n_uhn" if "uhn" in key else "n_test"
         facts = sum(r[weight] for r in rows)
         out["macro"][key] = sum(r[key] for r in rows) / len(rows)
         out["micro"][key] = sum(r[key] * r[weight] for r in rows) / facts if facts else 0.0
     out["macro"]["n_relations"] = len(done)
     out["micro"]["n_test_facts"] = sum(r["n_test"] for r in done)
     return out
-
-
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}"
-
-
-def _bold(text: str) -> str:
-    return f"**{text}**" if text else ""  # a manual-only run has no test P@1 to stand out
-
-
-def _mrr(value: float | None) -> str:
-    return "" if value is None else f"{value:.3f}"
-
-
-def _ci(interval: list[float] | None) -> str:
-    return "" if not interval else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
-
-
-def _signed(value: float) -> str:
-    return f"{100 * value:+.1f}"
-
-
-def render_markdown(payload: dict) -> str:
-    lines = [
-        f"# P-tuning on LAMA: {payload['model']} ({payload['vocab']})",
-        "",
-        f"Mode: {payload['mode']}. Protocol: {payload.get('protocol', 'paper')}. Answer vocabulary: "
-        f"{payload['vocab']}, {payload['answer_vocab_size']} tokens. P@1 in percent; test at the best dev epoch.",
-        "",
-    ]
-    if payload.get("variants"):
-        return "\n".join(lines + _sweep_tables(payload)) + "\n"
-    lines += [
-        "| relation | label | n test | manual P@1 | dev P@1 | test P@1 | test P@10 | test MRR | best epoch | epochs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for rid, r in payload["relations"].items():
-        if r.get("status") == "skipped":
-            lines.append(f"| {rid} | {r['label']} | skipped: {r['reason']} | | | | | | | |")
-            continue
-        lines.append(
-            f"| {rid} | {r['label']} | {r['n_test']} | {_pct(r.get('manual_p@1'))} | {_pct(r.get('dev_p@1'))} | "
-            f"{_pct(r.get('test_p@1'))} | {_pct(r.get('test_p@10'))} | {_mrr(r.get('test_mrr'))} | "
-            f"{r.get('best_epoch', '')} | {r.get('epochs_run', '')} |"
-        )
-    for name in ("macro", "micro"):
-        a = payload[name]
-        count = f"{a['n_relations']} relations" if name == "macro" else f"{a['n_test_facts']} facts"
-        lines.append(
-            f"| **{name} average** | {count} | | {_pct(a.get('manual_p@1'))} | {_pct(a.get('dev_p@1'))} | "
-            f"{_bold(_pct(a.get('test_p@1')))} | {_pct(a.get('test_p@10'))} | {_mrr(a.get('test_mrr'))} | | |"
-        )
-    setting = (payload.get("statistics") or {}).get("settings", {}).get("")
-    if setting:
-        lines += ["", f"Macro test P@1 {_pct(setting['macro_mean'])}, 95% CI {_ci(setting['macro_ci95'])} "
-                      "(bootstrap over the test facts of each relation)"
-                  + (f"; gain over the manual prompt {_signed(setting['gain_over_manual']['mean'])}, 95% CI "
-                     f"{_ci(setting['gain_over_manual']['ci95'])} (paired on the same facts)."
-                     if setting.get("gain_over_manual") else ".")]
-    return "\n".join(lines) + "\n"
-
-
-def _setting_label(name: str) -> str:
-    """A sweep's settings are named by what they override; the one overriding nothing is the run's own."""
-    return name or "(the run settings)"
-
-
-def _sweep_tables(payload: dict) -> list[str]:
-    stats = payload.get("statistics") or {}
-    settings = stats.get("settings", {})
-    lines = [f"A sweep of {len(payload['variants'])} variants: every relation trained under each (a unit each, "
-             "packed together). Settings pool their seeds: mean ± standard deviation over seeds, and a 95% bootstrap "
-             "interval resampling test facts within relations and seeds.", "",
-             "| setting | seeds | macro test P@1 | 95% CI | micro test P@1 | 95% CI | gain over manual | 95% CI |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    manual = stats.get("manual")
-    if manual:
-        lines.append(f"| manual prompt | | {_pct(manual['macro_mean'])} | {_ci(manual['macro_ci95'])} | "
-                     f"{_pct(manual['micro_mean'])} | {_ci(manual.get('micro_ci95'))} | | |")
-    for name, s in settings.items():
-        gain = s.get("gain_over_manual") or {}
-        seeds = ", ".join(map(str, s["seeds"]))
-        lines.append(f"| {_setting_label(name)} | {seeds} | {_pct(s['macro_mean'])} ± "
-                     f"{100 * s['macro_std']:.1f} | {_ci(s['macro_ci95'])} | {_pct(s['micro_mean'])} | "
-                     f"{_ci(s.get('micro_ci95'))} | "
-                     f"{_signed(gain['mean']) if gain else ''} | {_ci(gain.get('ci95'))} |")
-    lines.append(f"| best variant per relation, chosen on dev | | {_pct(payload['macro'].get('test_p@1'))} | | "
-                 f"{_pct(payload['micro'].get('test_p@1'))} | | | |")
-    for name, diff in stats.get("against_first", {}).items():
-        first = _setting_label(next(iter(settings)))
-        lines += ["", f"{_setting_label(name)} against {first}: macro {_signed(diff['mean'])}, 95% CI "
-                      f"{_ci(diff['ci95'])} (paired on facts{' and seeds' if diff['paired_seeds'] else ''})."]
-    lines += ["", "Per relation, test P@1 (mean ± standard deviation over seeds):", "",
-              "| relation | label | n test | manual | " + " | ".join(map(_setting_label, settings))
-              + " | best on dev (variant) |",
-              "|---|---|---:|---:|" + "---:|" * len(settings) + "---|"]
-    for rid, r in payload["relations"].items():
-        if r.get("status") == "skipped":
-            lines.append(f"| {rid} | {r['label']} | skipped: {r['reason']} |" + " |" * (len(settings) + 2))
-            continue
-        cells = []
-        for s in settings.values():
-            spread = s["relations"].get(rid)
-            cells.append(f"{_pct(spread['mean'])} ± {100 * spread['std']:.1f}" if spread else "")
-        best = payload.get("best_on_dev", {}).get(rid)
-        chosen = (r.get("variants") or {}).get(best, {})
-        lines.append(f"| {rid} | {r['label']} | {r['n_test']} | {_pct(r.get('manual_p@1'))} | " + " | ".join(cells)
-                     + f" | {_pct(chosen.get('test_p@1'))} ({best or ''}) |")
-    lines += ["", "Per variant:", "", "| variant | macro test P@1 | micro test P@1 | macro dev P@1 |",
-              "|---|---:|---:|---:|"]
-    for name, v in payload["variants"].items():
-        lines.append(f"| {name} | {_pct(v['macro'].get('test_p@1'))} | {_pct(v['micro'].get('test_p@1'))} | "
-                     f"{_pct(v['macro'].get('dev_p@1'))} |")
-    return lines
 
 
 class Report:
@@ -228,15 +117,15 @@ def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
     if not rows:
         return None
     settings = (payload.get("statistics") or {}).get("settings", {}) if payload.get("variants") else {}
-    series = [(f"manual ({_pct(payload['macro'].get('manual_p@1'))})",
+    series = [(f"manual ({pct(payload['macro'].get('manual_p@1'))})",
                [100 * (r.get("manual_p@1") or 0) for _, r in rows], None)]
     if settings:
         for name, s in settings.items():
             spread = [s["relations"].get(rid, {"mean": 0, "std": 0}) for rid, _ in rows]
-            series.append((f"{name or 'P-tuned'} ({_pct(s['macro_mean'])})", [100 * x["mean"] for x in spread],
+            series.append((f"{name or 'P-tuned'} ({pct(s['macro_mean'])})", [100 * x["mean"] for x in spread],
                            [100 * x["std"] for x in spread]))
     else:
-        series.append((f"P-tuned ({_pct(payload['macro'].get('test_p@1'))})",
+        series.append((f"P-tuned ({pct(payload['macro'].get('test_p@1'))})",
                        [100 * (r.get("test_p@1") or 0) for _, r in rows], None))
     title = (f"{payload['model']}, {payload['vocab']} (legend: macro average"
              + ("; bars: mean over seeds, whiskers: std)" if settings else ")"))

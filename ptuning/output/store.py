@@ -12,7 +12,11 @@ which without a sweep is also its one unit's.
                                                 mid-epoch on SIGTERM/SIGUSR1 (removed once final)
     <out>/relations/<unit>/prompt_encoder.safetensors, prompt_vectors.safetensors
     <out>/relations/<unit>/test_ranks.json      each test fact's restricted rank (the statistics resample them)
+                                                and its top-10 answers (words, best first)
     <out>/relations/<P>/manual_ranks.json       the manual prompt's, likewise
+    <out>/relations/<P>/test_facts.jsonl        the test facts in the ranks' order: subject, object, in-subject
+    <out>/relations/<unit>/predictions.jsonl    per test fact: the facts' fields, the manual and P-tuned top-10 and
+                                                the gold's rank under each (python -m ptuning.inspect reads them)
     <out>/results.json, results.md, p_at_1.png, wandb/   written by the coordinator
     <out>/run.lock                              held by the coordinator while a job runs: who holds it
 
@@ -64,6 +68,25 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     return read_json_object(path, "a JSON object (a record this program wrote)")
+
+
+def _read_jsonl(path: Path) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: a line must be a JSON object")
+        out.append(record)
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 class RunStore:
@@ -176,8 +199,28 @@ class RunStore:
                             "(integers >= 1)")
         return ranks
 
-    def write_ranks(self, unit: str, kind: str, ranks: list[int]) -> None:
-        atomic_write_text(self.unit_dir(unit) / f"{kind}_ranks.json", json.dumps({"ranks": ranks}) + "\n")
+    def top(self, unit: str, kind: str) -> list[list[str]] | None:
+        """Each test fact's best answers (words, best first), as write_ranks kept them; None if it kept none."""
+        record = _read_json(self.unit_dir(unit) / f"{kind}_ranks.json")
+        return None if record is None else record.get("top")
+
+    def write_ranks(self, unit: str, kind: str, ranks: list[int], top: list[list[str]] | None = None) -> None:
+        record = {"ranks": ranks} if top is None else {"ranks": ranks, "top": top}
+        atomic_write_text(self.unit_dir(unit) / f"{kind}_ranks.json", json.dumps(record) + "\n")
+
+    # ---- per-fact files ---------------------------------------------------------------------------------------
+    def facts(self, relation: str) -> list[dict] | None:
+        """A relation's test facts (subject, object, in_subject) in the order of its ranks files."""
+        return _read_jsonl(self.unit_dir(relation) / "test_facts.jsonl")
+
+    def write_facts(self, relation: str, facts: list[dict]) -> None:
+        _write_jsonl(self.unit_dir(relation) / "test_facts.jsonl", facts)
+
+    def predictions(self, unit: str) -> list[dict] | None:
+        return _read_jsonl(self.unit_dir(unit) / "predictions.jsonl")
+
+    def write_predictions(self, unit: str, lines: list[dict]) -> None:
+        _write_jsonl(self.unit_dir(unit) / "predictions.jsonl", lines)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_path(self, unit: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ptuning.model.metrics import figures
+from ptuning.model.metrics import TOP, figures
 from ptuning.train.unit_run import UnitOutcome, UnitRun
 
 
@@ -36,13 +36,14 @@ class Epochs:
         with torch.no_grad():
             vectors = self.forward.vectors(runs)
         outcomes = []
-        for run, ranks, vector in zip(runs, self.forward.ranks_of_runs(runs, "test", vectors), vectors):
+        ranks, tops = self.forward.predictions([(v, r.rows["test"]) for v, r in zip(vectors, runs)], TOP)
+        for run, ranks, top, vector in zip(runs, ranks, tops, vectors):
             uid = run.unit.id
             prompt = (self.bank.weights(uid), vector.detach().cpu()) if self.bank.has(uid) else None
             metrics = {"dev_p@1": run.best_dev, **figures(ranks, "test_"), "best_epoch": run.best_epoch,
                        "epochs_run": run.epoch, "seconds": round(run.elapsed(), 1), "dev_history": run.dev_history}
-            outcomes.append(UnitOutcome(run.unit, metrics, prompt, ranks.tolist(), self.templates.counts(run.cfg),
-                                        run.writes))
+            outcomes.append(UnitOutcome(run.unit, metrics, prompt, ranks.tolist(), top.tolist(),
+                                        self.templates.counts(run.cfg), run.writes))
             if self.bank.has(uid):
                 self.bank.drop(uid)
         for run in runs if self.lm is not None else []:

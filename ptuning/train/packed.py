@@ -13,7 +13,7 @@ from torch.profiler import record_function
 from ptuning.train.batching import Batch, collate, length_buckets
 from ptuning.data.templates import Row, rows_of
 from ptuning.model.stacked import Layout
-from ptuning.model.metrics import cross_entropy, restricted_ranks, summarize_ranks
+from ptuning.model.metrics import cross_entropy, restricted_ranks, restricted_top, summarize_ranks
 from ptuning.train.prompt_bank import PromptBank
 from ptuning.train.stack import EncoderStack, Settings
 from ptuning.train.unit_run import UnitRun
@@ -87,24 +87,35 @@ class PackedLM:
         return loss
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def ranks(self, items: list[Item]) -> list[torch.Tensor]:
-        """Restricted ranks of every row of every item, batched across items and bucketed by length. One read-back
-        at the end, not one per chunk."""
+        """Restricted ranks of every row of every item, batched across items and bucketed by length."""
+        return self.predictions(items, 0)[0]
+
+    @torch.no_grad()
+    def predictions(self, items: list[Item], top: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Each item's restricted ranks and, with top > 0, each row's `top` best allowed ids, best first (top 0:
+        None). One read-back at the end, not one per chunk."""
         model = self.backbone.model
         was_training = model.training
         model.eval()
-        found, where = [], []
+        found, tops, where = [], [], []
         for chunk, positions in length_buckets([v for v, _ in items], [rows for _, rows in items],
                                                self.cfg.train.eval_batch_size):
             logits, batch = self.logits(chunk)
             found.append(restricted_ranks(logits, batch.labels, self.allowed, self.shard))
+            if top:
+                tops.append(restricted_top(logits, self.allowed, top, self.shard))
             where += positions
         model.train(was_training)
-        out = [torch.zeros(len(rows), dtype=torch.long) for _, rows in items]
+        ranks = [torch.zeros(len(rows), dtype=torch.long) for _, rows in items]
         for (i, j), rank in zip(where, torch.cat(found).tolist() if found else []):
-            out[i][j] = rank
-        return out
+            ranks[i][j] = rank
+        if not top:
+            return ranks, None
+        best = [torch.zeros(len(rows), top, dtype=torch.long) for _, rows in items]
+        for (i, j), ids in zip(where, torch.cat(tops).cpu() if tops else []):
+            best[i][j] = ids
+        return ranks, best
 
     def manual_items(self, tasks: list, split: str = "test") -> list[Item]:
         """The manual prompt's rows of each relation, as items for ranks()."""

@@ -117,5 +117,6 @@ class UnitOutcome:
     # the best encoder's weights (PromptEncoder's state dict) and prompt vectors; None where another rank holds it
     prompt: tuple[dict[str, torch.Tensor], torch.Tensor] | None
     test_ranks: list[int]  # each test fact's restricted rank, in the split's order (the statistics resample them)
+    test_top: list[list[int]]  # each test fact's TOP best answer ids, best first
     counts: tuple[int, int, int]  # the unit's template
     writes: bool = True  # this rank writes the unit's files
