@@ -104,6 +104,10 @@ def test_offline_wandb_run_holds_the_summary_and_the_table(single):
     rows = json.loads(table_file.read_text())
     assert [r[0] for r in rows["data"]] == RELATIONS.split(",")
     assert rows["columns"][:6] == ["relation", "label", "n_test", "manual_p@1", "dev_p@1", "test_p@1"]
+    column = rows["columns"].index("majority_p@1")  # the probing controls stand beside every P@1
+    assert [r[column] for r in rows["data"]] == [results["relations"][rid]["majority_p@1"] for rid in RELATIONS.split(",")]
+    assert run["summary"]["macro_majority_p@1"] == pytest.approx(results["macro"]["majority_p@1"])
+    assert run["summary"]["micro_test_uhn_p@1"] == pytest.approx(results["micro"]["test_uhn_p@1"])
     assert "P36/dev_p@1" in run["history"] and "P36/test_p@1" in run["history"]
     assert (single / "p_at_1.png").stat().st_size > 1000
     assert all(str(p).startswith(str(single)) for p in run["files"])

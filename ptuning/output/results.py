@@ -128,13 +128,17 @@ def plot_p_at_1(payload: dict, path: str | Path) -> Path | None:
         series.append((f"P-tuned ({pct(payload['macro'].get('test_p@1'))})",
                        [100 * (r.get("test_p@1") or 0) for _, r in rows], None))
     title = (f"{payload['model']}, {payload['vocab']} (legend: macro average"
-             + ("; bars: mean over seeds, whiskers: std)" if settings else ")"))
-    return grouped_bars(path, [rid for rid, _ in rows], series, title)
+             + ("; bars: mean over seeds, whiskers: std" if settings else "") + "; ticks: majority baseline)")
+    baseline = payload["macro"].get("majority_p@1")
+    majority = [(f"majority baseline ({pct(baseline)})", [100 * (r.get("majority_p@1") or 0) for _, r in rows])
+                ] if baseline is not None else []
+    return grouped_bars(path, [rid for rid, _ in rows], series, title, marks=majority)
 
 
 def grouped_bars(path: str | Path, relations: list[str], series: list[tuple[str, list[float], list[float] | None]],
-                 title: str) -> Path:
-    """Test P@1 (percent) per relation, one bar per series (label, values, error bars or None), as a PNG."""
+                 title: str, marks: list[tuple[str, list[float]]] = ()) -> Path:
+    """Test P@1 (percent) per relation, one bar per series (label, values, error bars or None), and marks (label,
+    values) drawn as a tick across each relation's group, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +149,9 @@ def grouped_bars(path: str | Path, relations: list[str], series: list[tuple[str,
     for k, (label, values, errors) in enumerate(series):
         ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(relations))], values, width=width, label=label,
                yerr=errors, capsize=1.5 if errors else 0)
+    for label, values in marks:
+        ax.hlines(values, [i - 0.42 for i in range(len(relations))], [i + 0.42 for i in range(len(relations))],
+                  colors="black", linewidth=1.2, label=label)
     ax.set_xticks(list(range(len(relations))), relations, rotation=90, fontsize=7)
     ax.set_ylabel("test P@1 (%)")
     ax.set_title(title, fontsize=9)
