@@ -37,8 +37,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ptuning.config import ConfigError, ExperimentConfig, config_from_dict
-from ptuning.files import (DataError, atomic_write_text, cause_of, load_tensors, read_json_object, save_tensors,
-                           write_error)
+from ptuning.files import (DataError, atomic_write_text, cause_of, load_tensors, read_json_object, read_jsonl,
+                           save_tensors, write_error)
 from ptuning.train import checkpoint
 
 # A unit's record is final when its status is what its mode ends with: trained, manual prompt only, re-evaluated.
@@ -71,18 +71,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _read_jsonl(path: Path) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: a line must be a JSON object")
-        out.append(record)
-    return out
+    return [record for _, record in read_jsonl(path)] if path.is_file() else None
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
