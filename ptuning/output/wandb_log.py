@@ -14,9 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ptuning.output.results import CONTROL_KEYS
+
 TABLE_COLUMNS = ["relation", "label", "n_test", "manual_p@1", "dev_p@1", "test_p@1", "test_p@10", "test_mrr",
-                 "best_epoch", "epochs_run", "majority_p@1", "in_subject", "n_uhn", "manual_uhn_p@1", "test_uhn_p@1",
-                 "prior_share"]
+                 "best_epoch", "epochs_run", "n_uhn", *CONTROL_KEYS]
 
 
 class WandbLogger:
@@ -81,8 +82,8 @@ class WandbLogger:
                        "n_test_facts": averages["micro"].get("n_test_facts")}
             for average in ("macro", "micro"):
                 for key, value in averages[average].items():
-                    if key.endswith("p@1") or key in ("in_subject", "prior_share"):
-                        summary[f"{average}_{'p@1' if key == 'test_p@1' else key}"] = value  # controls too
+                    if key.endswith("p@1") or key in CONTROL_KEYS:
+                        summary[f"{average}_{'p@1' if key == 'test_p@1' else key}"] = value
             setting = settings.get(payload.get("variants", {}).get(variant, {}).get("setting", ""))
             if setting:  # the variant's setting over its seeds: what the group view compares
                 summary.update(setting_macro_mean=setting["macro_mean"], setting_macro_std=setting["macro_std"],
