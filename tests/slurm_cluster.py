@@ -90,15 +90,18 @@ class Cluster:
         requeued; start it again now rather than after the delay SLURM puts on it, and wait for the run after the
         requeue to end (between the two, the queue can show no job for a moment)."""
         deadline = time.time() + timeout
+        queued_again = False  # the requeued run seen pending or running: its end, not the first run's, ends the wait
         while time.time() < deadline:
             info = self.run("scontrol", "show", "job", job).stdout
             state = re.search(r"JobState=(\S+)", info)
             if state is None:  # gone from the controller's memory: ended long ago
                 return
             restarts = int((re.search(r"Restarts=(\d+)", info) or [0, 0])[1])
+            # the first run shows CANCELLED with Restarts=1 for a moment before the job is pending again
+            queued_again |= restarts >= 1 and state[1] in ("PENDING", "CONFIGURING", "RUNNING")
             if release_requeued and state[1] == "PENDING" and "Reason=BeginTime" in info:
                 self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-            if state[1] in ENDED and (not release_requeued or restarts >= 1):
+            if state[1] in ENDED and (not release_requeued or queued_again):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"SLURM job {job} still queued after {timeout} s")
