@@ -87,21 +87,28 @@ class Cluster:
 
     def wait(self, job: str, timeout: float = 300, release_requeued: bool = False) -> None:
         """Until the job has ended (scontrol keeps an ended job for MinJobAge). release_requeued: the job is being
-        requeued; start it again now rather than after the delay SLURM puts on it, and wait for the run after the
+        requeued; start it again soon rather than after the delay SLURM puts on it, and wait for the run after the
         requeue to end (between the two, the queue can show no job for a moment)."""
         deadline = time.time() + timeout
-        queued_again = False  # the requeued run seen pending or running: its end, not the first run's, ends the wait
+        requeued_at = None  # when the job was first seen pending again after its first run
         while time.time() < deadline:
             info = self.run("scontrol", "show", "job", job).stdout
             state = re.search(r"JobState=(\S+)", info)
-            if state is None:  # gone from the controller's memory: ended long ago
-                return
-            restarts = int((re.search(r"Restarts=(\d+)", info) or [0, 0])[1])
-            # the first run shows CANCELLED with Restarts=1 for a moment before the job is pending again
-            queued_again |= restarts >= 1 and state[1] in ("PENDING", "CONFIGURING", "RUNNING")
+            if state is None:  # gone from the controller's memory: ended long ago, or being requeued this moment
+                if not release_requeued:
+                    return
+                time.sleep(0.5)
+                continue
             if release_requeued and state[1] == "PENDING" and "Reason=BeginTime" in info:
-                self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-            if state[1] in ENDED and (not release_requeued or queued_again):
+                requeued_at = requeued_at or time.time()
+                # slurmd refuses a launch whose credential dates from the second the first run was killed in
+                # ("already killed, do not launch batch job": the rerun FAILED at once under CI's load); SLURM's
+                # own requeue delay is there for this. Two seconds and an idle node are enough.
+                if time.time() - requeued_at >= 2 and self.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle":
+                    self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            # a requeued job's first run ends CANCELLED before the job is pending again: not the end waited for
+            first_runs_end = release_requeued and requeued_at is None and state[1] == "CANCELLED"
+            if state[1] in ENDED and not first_runs_end:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"SLURM job {job} still queued after {timeout} s")
