@@ -13,8 +13,9 @@ written out by hand over the unit dimension:
 
 so a step costs the same few dozen kernels whether the stack holds 1 unit or 100, and no unit's floats depend on
 which others share its stack (the batched products compute each unit's product on its own: checked equal to the
-bit against a stack of one in tests/test_prompt_bank.py, with MKL in strict mode as ptuning/__init__.py sets it). Dropout between the LSTM layers (prompt.lstm_dropout)
-comes in as a mask the caller draws from each unit's own generator.
+bit against a stack of one in tests/test_prompt_bank.py, with MKL in strict mode as ptuning/__init__.py sets it).
+Dropout between the LSTM layers (prompt.lstm_dropout) comes in as a mask the caller draws from each unit's own
+generator.
 """
 from __future__ import annotations
 
