@@ -64,6 +64,10 @@ class LMTuning:
         alone."""
         import deepspeed
 
+        if self.backbone.device.type == "cpu":
+            # On CPU ranks DeepSpeed JIT-compiles a shared-memory all-reduce (30 s once per environment, with a C++
+            # compiler) that only its inference all-reduce calls; the engine's gradients go through gloo.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         modules = torch.nn.ModuleDict({"lm": self.backbone.model})
         if encoder is not None:
             modules["encoder"] = encoder
