@@ -67,13 +67,13 @@ class Collect(Events):
 
 
 def test_ptuning_beats_the_manual_prompt_on_dev(smollm2, lama):
-    """A small budget: 96 training facts, 3 epochs. The paper's lr is for 100 epochs; a short run needs 1e-3."""
-    cfg = load_config(None, ["train.lr=1e-3", "train.max_epochs=3", "train.eval_batch_size=100"])
+    """A small budget: 64 training facts of P176 (manufacturer), 2 epochs. The paper's lr is for 100 epochs; a short
+    run needs 1e-3. Measured: dev P@1 26.9 with the manual prompt, P-tuned 53.8 at 2 threads and 59.6 at 1 (float32)."""
+    cfg = load_config(None, ["train.lr=1e-3", "train.max_epochs=2", "train.eval_batch_size=100"])
     # the test split is evaluated at the end but not asserted on: a few facts of it
-    vocab, tasks = tasks_for(smollm2, lama, ["P176", "P103"], max_train=96, max_dev=100, max_test=16)
+    vocab, tasks = tasks_for(smollm2, lama, ["P176"], max_train=64, max_dev=100, max_test=16)
     trainer = Trainer(smollm2, cfg, vocab.allowed)
-    manual = trainer.forward.evaluate_manual(tasks, split="dev")
+    manual = trainer.forward.evaluate_manual(tasks, split="dev")["P176"]["p@1"]
     outcomes = []
     trainer.train([tasks], Collect(outcomes))
-    gains = {o.unit.relation: o.metrics["dev_p@1"] - manual[o.unit.relation]["p@1"] for o in outcomes}
-    assert max(gains.values()) > 0.05, (gains, manual)
+    assert outcomes[0].metrics["dev_p@1"] - manual > 0.05, (outcomes[0].metrics, manual)
