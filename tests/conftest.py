@@ -16,13 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RELATIONS = ["P1376", "P36", "P37"]  # small relations: 248/62/234, 416/104/703, 248/62/966 facts
 
 
-def free_port() -> int:
-    """A port no one listens on now, for a torchrun rendezvous (tests may run side by side)."""
+def free_ports(n: int) -> list[int]:
+    """n different ports no one listens on now, for rendezvous of launches that run side by side."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:  # all bound at once, so the ports differ
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def lama_dir() -> Path | None:
@@ -120,3 +129,4 @@ def tiny_llama(lama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(lama, tmp_path_factory) -> Path:
     return _tiny_causal("qwen2", lama, tmp_path_factory.mktemp("tiny-qwen2"))
+

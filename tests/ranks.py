@@ -7,13 +7,15 @@ ranks with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZ
 real gloo process groups, or a plain process without it. Each runs a script as __main__ with its arguments, its
 output in files of its own, in the server's environment (as it was when the server started) plus its job's, with
 its own thread count (OMP_NUM_THREADS, default 1). As torchrun does, when one rank fails the others are stopped;
-when the server dies, its processes die too.
+when the server dies, its processes die too. Jobs run side by side: `start` hands one to the server and returns at
+once, `wait` collects it (two independent runs of one test share the two cores instead of taking turns).
 
 Tests whose subject is a launcher (torchrun, the deepspeed launcher, SLURM, signals that a launcher forwards)
 start that launcher; the others use this.
 
     run = spawn(2, "launcher/run.py", "--config", ...)       # ranks; spawn(0, ...) for one plain process
     run.returncode, run.stdout, run.stderr, run.rank_stderr  # like subprocess.CompletedProcess
+    job = start(0, ...); ...; run = job.wait()              # the same, while the test goes on
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class Finished:
     stderr: str  # every process's, in rank order
     rank_stderr: list[str]
     codes: list[int]
+    timed_out: bool = False
 
 
 # ---- the server: runs as `python tests/ranks.py` ---------------------------------------------------------------
@@ -150,22 +153,45 @@ def _run(job: dict) -> dict:
     return {"codes": [codes[r] for r in range(n)], "outputs": outputs, "timed_out": time.time() > deadline}
 
 
+def _supervise(job: dict, answers: int) -> None:
+    """In a process forked per job: run it, write the answer to the job's file, then announce the job's id on the
+    answer pipe (one short line: a single write, whole even when jobs end at once)."""
+    import traceback
+
+    try:
+        _die_with_parent()
+        try:
+            answer = _run(job)
+        except BaseException:  # noqa: BLE001 - the test shows it as the job's output
+            answer = {"codes": [1], "outputs": [["", traceback.format_exc()]], "timed_out": False}
+        Path(job["answer"]).write_text(json.dumps(answer))
+        os.write(answers, f"{job['id']}\n".encode())
+    finally:
+        os._exit(0)
+
+
 def serve() -> None:
-    answers = os.fdopen(os.dup(1), "w")  # the protocol's channel; whatever an import prints goes to stderr
+    answers = os.dup(1)  # the protocol's channel; whatever an import prints goes to stderr
     os.dup2(2, 1)
     for name in WARM:
         __import__(name)
     if threading.active_count() != 1:  # a thread at fork time would leave its locks held in every child
         raise RuntimeError(f"the rank server has {threading.active_count()} threads after its imports")
-    answers.write("ready\n")
-    answers.flush()
+    os.write(answers, b"ready\n")
     for line in sys.stdin:
-        answers.write(json.dumps(_run(json.loads(line))) + "\n")
-        answers.flush()
+        if os.fork() == 0:
+            _supervise(json.loads(line), answers)
+        while True:  # reap the supervisors that have ended
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
 
 
 # ---- the client, in the test process ----------------------------------------------------------------------------
 _server: subprocess.Popen | None = None
+_ended: set[str] = set()  # jobs the server announced that no one has collected yet
 
 
 def _connect() -> subprocess.Popen:
@@ -184,29 +210,63 @@ def _connect() -> subprocess.Popen:
     return _server
 
 
+class Job:
+    """A job the server runs while the test goes on; wait() gives what spawn() gives."""
+
+    def __init__(self, nproc: int, argv: tuple, env: dict | None, cwd: Path, timeout: float, module: bool):
+        self.server, self.argv, self.timeout = _connect(), argv, timeout
+        handle, self.answer = tempfile.mkstemp(prefix="ranks-answer-")
+        os.close(handle)
+        self.id = Path(self.answer).name
+        job = {"id": self.id, "answer": self.answer, "nproc": nproc, "argv": [str(a) for a in argv],
+               "cwd": str(cwd), "timeout": timeout, "module": module,
+               "env": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}}
+        self.server.stdin.write(json.dumps(job) + "\n")
+        self.server.stdin.flush()
+        self.done: Finished | None = None
+
+    def wait(self, check: bool = True) -> Finished:
+        """check: a process that fails fails the test, with its output. A second call gives the same."""
+        if self.done is None:
+            self.done = self._collect()
+        done = self.done
+        if check:
+            assert done.returncode == 0 and not done.timed_out, (
+                f"{self.argv}: exit codes {done.codes}{' (timed out)' if done.timed_out else ''}\n"
+                + done.stdout[-2000:] + done.stderr[-4000:])
+        return done
+
+    def _collect(self) -> Finished:
+        deadline = time.time() + self.timeout + 60
+        while self.id not in _ended:
+            ready, _, _ = select.select([self.server.stdout], [], [], max(deadline - time.time(), 0))
+            if not ready:
+                self.server.kill()
+                raise TimeoutError(f"{self.argv}: no answer from the rank server in {self.timeout + 60} s")
+            line = self.server.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.argv}: the rank server ended before the job did")
+            _ended.add(line.strip())
+        _ended.discard(self.id)
+        answer = json.loads(Path(self.answer).read_text())
+        os.unlink(self.answer)
+        outputs = answer["outputs"]
+        code = next((c for c in answer["codes"] if c != 0), 0)
+        return Finished(code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs),
+                        [e for _, e in outputs], answer["codes"], answer["timed_out"])
+
+
+def start(nproc: int, *argv: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 600,
+          module: bool = False) -> Job:
+    """Run a script (or with module=True, `python -m argv[0]`) as `nproc` torchrun-style ranks, or as one plain
+    process when nproc is 0; returns at once."""
+    return Job(nproc, argv, env, cwd, timeout, module)
+
+
 def spawn(nproc: int, *argv: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 600,
           module: bool = False, check: bool = True) -> Finished:
-    """Run a script (or with module=True, `python -m argv[0]`) as `nproc` torchrun-style ranks, or as one plain
-    process when nproc is 0. check: a process that fails fails the test, with its output."""
-    server = _connect()
-    job = {"nproc": nproc, "argv": [str(a) for a in argv], "cwd": str(cwd), "timeout": timeout, "module": module,
-           "env": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}}
-    server.stdin.write(json.dumps(job) + "\n")
-    server.stdin.flush()
-    ready, _, _ = select.select([server.stdout], [], [], timeout + 60)
-    if not ready:
-        server.kill()
-        raise TimeoutError(f"{argv}: no answer from the rank server in {timeout + 60} s")
-    answer = json.loads(server.stdout.readline())
-    outputs = answer["outputs"]
-    code = next((c for c in answer["codes"] if c != 0), 0)
-    done = Finished(code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs),
-                    [e for _, e in outputs], answer["codes"])
-    if check:
-        assert code == 0 and not answer["timed_out"], (f"{argv}: exit codes {answer['codes']}"
-                                                       f"{' (timed out)' if answer['timed_out'] else ''}\n"
-                                                       + done.stdout[-2000:] + done.stderr[-4000:])
-    return done
+    """start(...).wait(check): the job, run to its end."""
+    return start(nproc, *argv, env=env, cwd=cwd, timeout=timeout, module=module).wait(check)
 
 
 if __name__ == "__main__":

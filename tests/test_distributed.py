@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import pytest
 from ptuning.config import ConfigError, load_config
 from ptuning.parallel.packs import assign_packs, balance
 from ptuning.output.store import RunStore
-from tests.conftest import REPO, free_port
-from tests.ranks import spawn
+from tests.conftest import REPO, free_port, free_ports
+from tests.ranks import spawn, start
 from tests.wandb_records import read_run
 
 BIN = Path(sys.executable).parent
@@ -30,11 +31,20 @@ def sweep_args(model: Path, lama: Path, out: Path, *extra: str) -> list[str]:
             "--set", "data.max_test=30", "--set", "train.max_epochs=3", "--set", "train.lr=0.01", *extra]
 
 
-def launch(prefix: list[str], args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(*commands: list[str], timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Each command (a launcher, then run.py and its arguments) started at once; each must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(prefix + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]  # pipes could fill
+    procs = [subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=REPO)
+             for command, (out, err) in zip(commands, logs)]
+    done = []
+    for command, proc, (out, err) in zip(commands, procs, logs):
+        proc.wait(timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        done.append(subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read()))
+        assert proc.returncode == 0, done[-1].stdout[-3000:] + done[-1].stderr[-3000:]
+    return done
 
 
 def figures(out: Path) -> dict:
@@ -43,10 +53,16 @@ def figures(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single(tiny_gpt2, lama, tmp_path_factory) -> Path:
+def single(tiny_gpt2, lama, tmp_path_factory):
+    """One plain process, every launcher's reference: it starts here and runs beside the first launch that needs
+    it; single() waits for it and gives its folder."""
     out = tmp_path_factory.mktemp("single")
-    spawn(0, *sweep_args(tiny_gpt2, lama, out))  # one plain process
-    return out
+    job = start(0, *sweep_args(tiny_gpt2, lama, out))
+
+    def folder() -> Path:
+        job.wait()
+        return out
+    return folder
 
 
 def test_balance_puts_the_largest_first_on_the_least_loaded_group():
@@ -68,9 +84,9 @@ def test_packs_of_n_are_the_same_under_any_world_size_and_groups_take_whole_pack
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path):
-    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
-           sweep_args(tiny_gpt2, lama, tmp_path))
-    assert figures(tmp_path) == figures(single)
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+            *sweep_args(tiny_gpt2, lama, tmp_path)])
+    assert figures(tmp_path) == figures(single())
     assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 2
     # each data-parallel group's writer wrote its own relations
     assert all(RunStore(tmp_path).encoder_path(r).is_file() for r in RELATIONS.split(","))
@@ -78,13 +94,17 @@ def test_torchrun_two_ranks_equal_one_process(single, tiny_gpt2, lama, tmp_path)
 
 @pytest.mark.slow
 def test_deepspeed_launcher_runs_the_same_config(single, tiny_gpt2, lama, tmp_path):
-    launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
-           sweep_args(tiny_gpt2, lama, tmp_path / "prompts"))
-    assert figures(tmp_path / "prompts") == figures(single)
-    # LM fine-tuning with a deepspeed section: the trainable parameters go through deepspeed.initialize
-    proc = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
-                  sweep_args(tiny_gpt2, lama, tmp_path / "finetune", "--set", "train.mode=ptuning_finetune",
-                             "--set", 'deepspeed.zero_optimization={"stage": 1}', "--set", "train.max_epochs=1"))
+    """Two launches side by side: P-tuning, and LM fine-tuning with a deepspeed section (the trainable parameters
+    go through deepspeed.initialize)."""
+    ports = free_ports(2)
+    _, proc = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(ports[0]),
+                      *sweep_args(tiny_gpt2, lama, tmp_path / "prompts")],
+                     [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(ports[1]),
+                      *sweep_args(tiny_gpt2, lama, tmp_path / "finetune", "--set", "train.mode=ptuning_finetune",
+                                  "--set", 'deepspeed.zero_optimization={"stage": 1}', "--set",
+                                  "train.max_epochs=1")])
+    assert figures(tmp_path / "prompts") == figures(single())
+    assert "deepspeed_shm_comm" not in proc.stdout + proc.stderr  # not compiled for CPU ranks (finetune.py)
     assert proc.stderr.count("DeepSpeed engine: ZeRO stage 1") + proc.stdout.count("DeepSpeed engine: ZeRO stage 1") >= 4
     results = json.loads((tmp_path / "finetune" / "results.json").read_text())
     assert {r["status"] for r in results["relations"].values()} == {"done"}
@@ -92,8 +112,9 @@ def test_deepspeed_launcher_runs_the_same_config(single, tiny_gpt2, lama, tmp_pa
 
 @pytest.mark.slow
 def test_offline_wandb_run_holds_the_summary_and_the_table(single):
-    results = json.loads((single / "results.json").read_text())
-    run = read_run(single)
+    folder = single()
+    results = json.loads((folder / "results.json").read_text())
+    run = read_run(folder)
     assert run["group"] == "tiny-gpt20-shared" and run["job_type"] == "ptuning"
     assert run["summary"]["macro_p@1"] == pytest.approx(results["macro"]["test_p@1"])
     assert run["summary"]["micro_p@1"] == pytest.approx(results["micro"]["test_p@1"])
@@ -109,8 +130,8 @@ def test_offline_wandb_run_holds_the_summary_and_the_table(single):
     assert run["summary"]["macro_majority_p@1"] == pytest.approx(results["macro"]["majority_p@1"])
     assert run["summary"]["micro_test_uhn_p@1"] == pytest.approx(results["micro"]["test_uhn_p@1"])
     assert "P36/dev_p@1" in run["history"] and "P36/test_p@1" in run["history"]
-    assert (single / "p_at_1.png").stat().st_size > 1000
-    assert all(str(p).startswith(str(single)) for p in run["files"])
+    assert (folder / "p_at_1.png").stat().st_size > 1000
+    assert all(str(p).startswith(str(folder)) for p in run["files"])
 
 
 def interrupted_args(model: Path, lama: Path, out: Path, *extra: str) -> list[str]:
@@ -128,32 +149,32 @@ def checkpoint_epoch(store: RunStore, relation: str) -> int | None:
         return None
 
 
-@pytest.fixture(scope="module")
-def whole(tiny_gpt2, lama, tmp_path_factory) -> Path:
-    """The interrupted runs' reference: the same settings, never stopped."""
-    out = tmp_path_factory.mktemp("whole")
-    spawn(0, *interrupted_args(tiny_gpt2, lama, out))
-    return out
-
-
 @pytest.mark.slow
-def test_kill_9_between_interval_checkpoints_then_restart_equals_an_uninterrupted_run(whole, tiny_gpt2, lama,
-                                                                                      tmp_path):
+def test_kill_9_between_interval_checkpoints_then_restart_equals_an_uninterrupted_run(tiny_gpt2, lama, tmp_path):
     """Checkpoints every 0.02 minutes (1.2 s): several epochs between them, and the kill lands after the last one,
     so the restart redoes epochs that had already run. (Every-epoch checkpoints: test_sharded_prompts.py.)"""
+    whole = start(0, *interrupted_args(tiny_gpt2, lama, tmp_path / "whole"))  # the reference, never stopped
     minutes = 0.02
-    args = interrupted_args(tiny_gpt2, lama, tmp_path, "--set", f"output.checkpoint_minutes={minutes}")
+    out = tmp_path / "stopped"
+    args = interrupted_args(tiny_gpt2, lama, out, "--set", f"output.checkpoint_minutes={minutes}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    store = RunStore(tmp_path)
+    store = RunStore(out)
     deadline = time.time() + 300
-    while time.time() < deadline:  # P1376 finished, P36 a checkpoint in and (interval) two epochs past it
+
+    def between_checkpoints() -> bool:  # P1376 finished, P36 a checkpoint in and (interval) two epochs past it
         progress = (store.progress("P36") or {}) if (store.result("P1376") or {}).get("status") == "done" else {}
         saved = checkpoint_epoch(store, "P36")
         ran = len(progress.get("dev_history", []))
-        if ran >= 3 and saved is not None and ran >= saved + 2:
-            break
+        return ran >= 3 and saved is not None and ran >= saved + 2
+
+    while time.time() < deadline:
+        if between_checkpoints():
+            proc.send_signal(signal.SIGSTOP)  # frozen, then checked again: no checkpoint lands between check and kill
+            if between_checkpoints():
+                break
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -164,7 +185,8 @@ def test_kill_9_between_interval_checkpoints_then_restart_equals_an_uninterrupte
     restarted = spawn(0, *args)
     assert "already final, skipped: P1376" in restarted.stderr
     assert f"P36: resuming after epoch {saved}" in restarted.stderr
-    assert figures(tmp_path) == figures(whole)
+    whole.wait()
+    assert figures(out) == figures(tmp_path / "whole")
     assert not store.checkpoint_path("P36").exists()
 
 
@@ -217,8 +239,9 @@ def test_one_rank_and_two_ranks_compute_the_same_floats_in_deterministic_mode(la
             "train.max_epochs=2", "--set", "train.lr=1e-3", "--set", "prompt.anchors=true", "--set",
             "prompt.init=manual", "--set", "train.pack_units=1", "--set",
             "parallel.threads=1", "--set", "parallel.deterministic=true", "--set", "logging.wandb=false"]
-    spawn(0, *args, "--out", str(tmp_path / "one"))
+    one = start(0, *args, "--out", str(tmp_path / "one"))  # side by side: three processes of one thread
     spawn(2, *args, "--out", str(tmp_path / "two"))
+    one.wait()
     one, two = (json.loads((tmp_path / name / "results.json").read_text())["relations"] for name in ("one", "two"))
     for rid in ("P36", "P1376"):
         assert {k: one[rid][k] for k in FIGURES + ("test_mrr",)} == {k: two[rid][k] for k in FIGURES + ("test_mrr",)}
