@@ -86,8 +86,9 @@ def test_usr1_before_the_time_limit_requeues_and_resumes(cluster, tiny_gpt2, lam
 
 @pytest.mark.slow
 def test_array_job_per_relation_group_then_collect(cluster, tiny_gpt2, lama, tmp_path):
+    # one core per task: the node's two cores run both tasks at once
     job = submit(cluster, tiny_gpt2, lama, tmp_path, "--relations", RELATIONS, "--array", "2", "--set",
-                 "logging.wandb=false")
+                 "logging.wandb=false", "--cpus-per-task", "1")
     cluster.wait(job)
     assert sorted(p.name for p in tmp_path.glob("group-*")) == ["group-0", "group-1"]
     assert slurm_main(["--collect", str(tmp_path)]) == 0
@@ -152,25 +153,33 @@ def test_deepspeed_names_the_gpus_slurm_gave_the_node():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("visible, expected", [("2,3", "2,3"), ("4,6,7", "4,6")])
-def test_the_deepspeed_launcher_hands_its_ranks_the_jobs_gpus(tmp_path, visible, expected):
+def test_the_deepspeed_launcher_hands_its_ranks_the_jobs_gpus(tmp_path):
     """The real deepspeed launcher, as the script starts it on the second node of two, where SLURM gave the job
-    GPUs `visible` of that node (no GPU needed: the launcher sets CUDA_VISIBLE_DEVICES the same on CPU)."""
+    GPUs `visible` of that node (no GPU needed: the launcher sets CUDA_VISIBLE_DEVICES the same on CPU). Two cases,
+    side by side: the launcher's start is single-threaded."""
     bin_dir = tmp_path / "bin"  # scontrol as SLURM answers it for a two-node job
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
     (bin_dir / "scontrol").chmod(0o755)
-    (tmp_path / "slurm").mkdir()
-    rank = tmp_path / "rank.py"
-    rank.write_text("import os, sys\nfrom pathlib import Path\n"  # a file each: ranks' prints would interleave
-                    "e = os.environ\nPath(sys.argv[0]).with_name('rank' + e['RANK']).write_text("
-                    "f\"{e['WORLD_SIZE']} {e['CUDA_VISIBLE_DEVICES']} {sys.argv[1:]}\")\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_JOB_ID": "7", "SLURM_NODEID": "1", "HEAD": "127.0.0.1", "PORT": "29618",
-           "CUDA_VISIBLE_DEVICES": visible}
-    command = deepspeed_node_command(len(visible.split(",")), 2, tmp_path)
-    proc = subprocess.run(["bash", "-c", command, "ptuning", str(rank), "--config", "c.json"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for r in (0, 1):  # ranks 2 and 3 of 4, on the job's GPUs
-        assert (tmp_path / f"rank{2 + r}").read_text() == f"4 {expected} ['--local_rank={r}', '--config', 'c.json']"
+    cases = {"2,3": "2,3", "4,6,7": "4,6"}  # CUDA_VISIBLE_DEVICES SLURM set -> the ranks' GPUs
+    procs = {}
+    for case, (visible, port) in enumerate(zip(cases, ("29618", "29619"))):
+        folder = tmp_path / f"case{case}"
+        (folder / "slurm").mkdir(parents=True)
+        rank = folder / "rank.py"
+        rank.write_text("import os, sys\nfrom pathlib import Path\n"  # a file each: ranks' prints would interleave
+                        "e = os.environ\nPath(sys.argv[0]).with_name('rank' + e['RANK']).write_text("
+                        "f\"{e['WORLD_SIZE']} {e['CUDA_VISIBLE_DEVICES']} {sys.argv[1:]}\")\n")
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+               "SLURM_JOB_ID": "7", "SLURM_NODEID": "1", "HEAD": "127.0.0.1", "PORT": port,
+               "CUDA_VISIBLE_DEVICES": visible}
+        command = deepspeed_node_command(len(visible.split(",")), 2, folder)
+        procs[visible] = (folder, subprocess.Popen(
+            ["bash", "-c", command, "ptuning", str(rank), "--config", "c.json"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    for visible, (folder, proc) in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-2000:] + err[-2000:]
+        for r in (0, 1):  # ranks 2 and 3 of 4, on the job's GPUs
+            assert (folder / f"rank{2 + r}").read_text() == \
+                f"4 {cases[visible]} ['--local_rank={r}', '--config', 'c.json']"
