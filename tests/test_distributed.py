@@ -233,15 +233,21 @@ def test_a_folder_made_with_other_settings_is_not_resumed(tmp_path):
 
 @pytest.mark.slow
 def test_one_rank_and_two_ranks_compute_the_same_floats_in_deterministic_mode(lama, tmp_path):
-    """SmolLM2-135M, packs of one relation, one thread per rank: one process runs both packs, two ranks one each, and every figure (MRR and the dev curve included) is the same to the last bit."""
+    """SmolLM2-135M, packs of one relation, one thread per rank: one process runs both packs, two ranks one each, and
+    every figure (MRR and the dev curve included) is the same to the last bit. The three processes start at once
+    from an empty model cache: one dequantizes the GGUF while the others wait, whichever rank it is."""
     args = [str(REPO / "launcher" / "run.py"), "--relations", "P36,P1376", "--data-dir", str(lama), "--set",
             "data.max_train=24", "--set", "data.max_dev=16", "--set", "data.max_test=24", "--set",
             "train.max_epochs=2", "--set", "train.lr=1e-3", "--set", "prompt.anchors=true", "--set",
             "prompt.init=manual", "--set", "train.pack_units=1", "--set",
             "parallel.threads=1", "--set", "parallel.deterministic=true", "--set", "logging.wandb=false"]
-    one = start(0, *args, "--out", str(tmp_path / "one"))  # side by side: three processes of one thread
-    spawn(2, *args, "--out", str(tmp_path / "two"))
+    cache = {"PTUNING_LAMA_CACHE": str(tmp_path / "cache")}
+    one = start(0, *args, "--out", str(tmp_path / "one"), env=cache)  # side by side: three processes of one thread
+    spawn(2, *args, "--out", str(tmp_path / "two"), env=cache)
     one.wait()
+    [made] = (tmp_path / "cache").glob("SmolLM2-*")
+    assert sorted(p.name for p in made.iterdir()) == ["chat_template.jinja", "config.json", "model.safetensors",
+                                                      "tokenizer.json", "tokenizer_config.json"]
     one, two = (json.loads((tmp_path / name / "results.json").read_text())["relations"] for name in ("one", "two"))
     for rid in ("P36", "P1376"):
         assert {k: one[rid][k] for k in FIGURES + ("test_mrr",)} == {k: two[rid][k] for k in FIGURES + ("test_mrr",)}

@@ -77,33 +77,55 @@ def packaged_gguf(alias: str) -> Path:
 
 
 def dequantized_copy(gguf_path: Path) -> Path:
-    """A float checkpoint folder of a GGUF model, made once and then reused. Written to a temporary folder and
-    renamed, so a crash never leaves half a cache behind."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A float checkpoint folder of a GGUF model, made once and then reused. Every rank of a job asks at once: one
+    makes it while the others wait on a lock, then read it. Written to a temporary folder and renamed, so a crash
+    never leaves half a cache behind."""
+    import fcntl
 
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+        if not _complete(target):
+            _dequantize(gguf_path, target)
+    return target
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _dequantize(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptuning.files import save_tensors
+
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are plain floats.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
+    if hasattr(model.config, "quantization_config"):  # the weights are plain floats now
         del model.config.quantization_config
+    # Written here, not by model.save_pretrained: under torch.distributed that writes nothing on ranks other than 0,
+    # and a rank 1 that won the lock once left a folder of tokenizer files only. Tied weights are saved under each
+    # name (a copy for the second), so loading never depends on which name a tie keeps.
+    tensors, storages = {}, set()
+    for name, tensor in model.state_dict().items():
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.clone() if storage in storages else tensor.contiguous()
+        storages.add(storage)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        save_tensors(staging / "model.safetensors", tensors, {"format": "pt"})
+        if target.exists():  # incomplete: made by a version that saved with save_pretrained on a rank other than 0
+            shutil.rmtree(target)
         os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename, or another process won the race
-    return target
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename
 
 
 def _source(cfg: ModelConfig) -> Path | str:
