@@ -192,19 +192,36 @@ def serve() -> None:
 # ---- the client, in the test process ----------------------------------------------------------------------------
 _server: subprocess.Popen | None = None
 _ended: set[str] = set()  # jobs the server announced that no one has collected yet
+_unread = b""  # what the server wrote that is not a whole line yet
+
+
+def _read_line(server: subprocess.Popen, deadline: float) -> str | None:
+    """The server's next line, or None at the deadline. Read from the pipe itself: a buffered reader could hold a
+    second announcement that select() on the pipe would then never see."""
+    global _unread
+    while b"\n" not in _unread:
+        ready, _, _ = select.select([server.stdout], [], [], max(deadline - time.time(), 0))
+        if not ready:
+            return None
+        chunk = os.read(server.stdout.fileno(), 4096)
+        if not chunk:
+            return ""
+        _unread += chunk
+    line, _unread = _unread.split(b"\n", 1)
+    return line.decode()
 
 
 def _connect() -> subprocess.Popen:
-    global _server
+    global _server, _unread
     if _server is None or _server.poll() is not None:
+        _unread = b""
         # the server imports warm with one thread; the ranks it forks read OMP_NUM_THREADS from their job
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": "1"}  # the server's own imports; each process sets its count from its job
         log = tempfile.TemporaryFile(mode="w+")  # the server's own warnings; shown if it does not start
         _server = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO)
-        ready = _server.stdout.readline()
-        if ready.strip() != "ready":
+        if _read_line(_server, time.time() + 300) != "ready":
             log.seek(0)
             raise RuntimeError(f"the rank server did not start: {log.read()[-3000:]}")
     return _server
@@ -239,14 +256,13 @@ class Job:
     def _collect(self) -> Finished:
         deadline = time.time() + self.timeout + 60
         while self.id not in _ended:
-            ready, _, _ = select.select([self.server.stdout], [], [], max(deadline - time.time(), 0))
-            if not ready:
+            line = _read_line(self.server, deadline)
+            if line is None:
                 self.server.kill()
                 raise TimeoutError(f"{self.argv}: no answer from the rank server in {self.timeout + 60} s")
-            line = self.server.stdout.readline()
             if not line:
                 raise RuntimeError(f"{self.argv}: the rank server ended before the job did")
-            _ended.add(line.strip())
+            _ended.add(line)
         _ended.discard(self.id)
         answer = json.loads(Path(self.answer).read_text())
         os.unlink(self.answer)
